@@ -1,0 +1,16 @@
+"""Data: image decoding, SimCLR augmentations, the two-view collator and the offline digits dataset."""
+
+from .augmentations import SimCLRAugmentation
+from .collator import ContrastiveCollator
+from .digits import load_digits_dataset
+from .images import decode_image
+from .indexed import IndexedDataset, with_dataset_index
+
+__all__ = [
+    "ContrastiveCollator",
+    "IndexedDataset",
+    "SimCLRAugmentation",
+    "decode_image",
+    "load_digits_dataset",
+    "with_dataset_index",
+]

@@ -1,0 +1,23 @@
+"""Evaluation of frozen features: linear probe, 1-NN and their few-shot versions."""
+
+from .callbacks import ProbeCallback
+from .probes import (
+    ProbeEvaluator,
+    extract_features,
+    few_shot_accuracies,
+    few_shot_indices,
+    knn_accuracy,
+    linear_probe_accuracy,
+    probe_metrics,
+)
+
+__all__ = [
+    "ProbeCallback",
+    "ProbeEvaluator",
+    "extract_features",
+    "few_shot_accuracies",
+    "few_shot_indices",
+    "knn_accuracy",
+    "linear_probe_accuracy",
+    "probe_metrics",
+]

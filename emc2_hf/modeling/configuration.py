@@ -1,0 +1,38 @@
+"""Configuration of :class:`~emc2_hf.modeling.ContrastiveEncoder`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+
+class ContrastiveEncoderConfig(PreTrainedConfig):
+    r"""
+    A timm backbone followed by a projection head.
+
+    Args:
+        backbone (`str`, defaults to `"resnet18"`):
+            Name of the timm architecture (`timm.list_models()`), created with `num_classes=0` so it returns pooled
+            features.
+        backbone_kwargs (`dict`, *optional*):
+            Extra keyword arguments for `timm.create_model` (e.g. `{"drop_path_rate": 0.1}`).
+        pretrained_backbone (`bool`, defaults to `False`):
+            Whether to load timm's pretrained weights when the encoder is first built (needs the weights to be
+            downloadable or cached). Never used when loading with `from_pretrained`, which restores saved weights.
+        projection_dim (`int` or `None`, defaults to 128):
+            Output size of the projection head; `None` means no head (embeddings are the backbone features).
+        projection_hidden_dim (`int` or `None`, *optional*):
+            Hidden size of the two-layer MLP head (SimCLR's); defaults to the backbone's feature size.
+        feature_dim (`int`, *optional*):
+            Size of the backbone's features; filled in when the model is built.
+    """
+
+    model_type = "emc2_contrastive_encoder"
+
+    backbone: str = "resnet18"
+    backbone_kwargs: dict[str, Any] | None = None
+    pretrained_backbone: bool = False
+    projection_dim: int | None = 128
+    projection_hidden_dim: int | None = None
+    feature_dim: int | None = None

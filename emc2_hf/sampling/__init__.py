@@ -1,0 +1,27 @@
+"""Negative sampling: the Metropolis–Hastings sweep, per-sample state and keyed random numbers."""
+
+from .metropolis_hastings import OUTSIDE_BATCH, SweepResult, metropolis_hastings_sweep, uniform_proposals
+from .random import keyed_generator, keyed_seed
+from .sample_state import (
+    EMPTY_STATE,
+    PER_SAMPLE_STATE_NAME,
+    MarkovChainState,
+    MovingAverageState,
+    load_per_sample_state,
+    save_per_sample_state,
+)
+
+__all__ = [
+    "EMPTY_STATE",
+    "OUTSIDE_BATCH",
+    "PER_SAMPLE_STATE_NAME",
+    "MarkovChainState",
+    "MovingAverageState",
+    "SweepResult",
+    "keyed_generator",
+    "keyed_seed",
+    "load_per_sample_state",
+    "metropolis_hastings_sweep",
+    "save_per_sample_state",
+    "uniform_proposals",
+]

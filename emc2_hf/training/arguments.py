@@ -1,0 +1,98 @@
+"""``ContrastiveTrainingArguments``: the Trainer's arguments plus the contrastive objective's hyper-parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from ..objectives import OBJECTIVES
+
+
+@dataclass
+class ContrastiveTrainingArguments(TrainingArguments):
+    r"""
+    [`~transformers.TrainingArguments`] for [`ContrastiveTrainer`].
+
+    Parameters that control the objective:
+
+    > objective
+
+    objective (`str`, defaults to `"emc2"`):
+        `"emc2"` (Metropolis–Hastings negative sampling, the global loss (1)), `"sogclr"` (moving-average normaliser)
+        or `"simclr"` (in-batch InfoNCE).
+    inverse_temperature (`float`, defaults to `5.0`):
+        β = 1/τ. The EMC² paper uses 14.28 at batch 32 and 5 at batch 256 on STL-10.
+
+    > EMC²
+
+    num_proposals (`int`, *optional*):
+        R, Metropolis–Hastings proposals per anchor per step; default 2b − 2 (all in-batch negatives' count).
+    burn_in (`int`, *optional*):
+        P, leading proposals whose states are not used as samples; default R // 2.
+
+    > SogCLR
+
+    sogclr_gamma (`float`, defaults to `0.9`):
+        γ, weight of the new estimate in `u ← (1 − γ) u + γ · mean exp(β s)`.
+
+    Defaults changed from [`~transformers.TrainingArguments`]: `learning_rate=1e-3`, `weight_decay=1e-4`,
+    `lr_scheduler_type="cosine"`, `logging_steps=10`, `dataloader_drop_last=True` (a last batch of one image would
+    have no negatives) and `remove_unused_columns=False` (the collator reads the raw image column).
+    """
+
+    objective: str = field(
+        default="emc2",
+        metadata={"help": "Contrastive objective.", "choices": sorted(OBJECTIVES)},
+    )
+    inverse_temperature: float = field(
+        default=5.0,
+        metadata={"help": "β = 1/τ, the inverse temperature of the softmax over negatives (paper: 14.28 at b=32, 5 at "
+                  "b=256)."},
+    )
+    num_proposals: int | None = field(
+        default=None,
+        metadata={"help": "EMC²: Metropolis–Hastings proposals R per anchor per step (default: 2b-2)."},
+    )
+    burn_in: int | None = field(
+        default=None,
+        metadata={"help": "EMC²: burn-in P, proposals whose states are not used as samples (default: R//2)."},
+    )
+    sogclr_gamma: float = field(
+        default=0.9,
+        metadata={"help": "SogCLR: moving-average weight γ of the new estimate of u, in (0, 1]."},
+    )
+
+    learning_rate: float = field(default=1e-3, metadata={"help": "The initial learning rate (Adam/AdamW)."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
+    dataloader_drop_last: bool = field(
+        default=True, metadata={"help": "Drop the last incomplete batch (a batch of one image has no negatives)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Drop dataset columns the collator does not read."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
+        if not self.inverse_temperature > 0:
+            raise ValueError(f"--inverse_temperature (β = 1/τ) must be > 0, got {self.inverse_temperature}")
+        if self.num_proposals is not None and self.num_proposals < 1:
+            raise ValueError(f"--num_proposals (R) must be >= 1, got {self.num_proposals}")
+        if self.burn_in is not None and self.burn_in < 0:
+            raise ValueError(f"--burn_in (P) must be >= 0, got {self.burn_in}")
+        if self.num_proposals is not None and self.burn_in is not None and self.burn_in >= self.num_proposals:
+            raise ValueError(
+                f"--burn_in ({self.burn_in}) must be smaller than --num_proposals ({self.num_proposals}) so that samples "
+                "remain after the burn-in"
+            )
+        if not 0 < self.sogclr_gamma <= 1:
+            raise ValueError(f"--sogclr_gamma must be in (0, 1], got {self.sogclr_gamma}")
+        if self.per_device_train_batch_size < 2:
+            raise ValueError(
+                f"--per_device_train_batch_size {self.per_device_train_batch_size} leaves anchors without negatives: "
+                "contrastive training needs at least 2 images per batch"
+            )

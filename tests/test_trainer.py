@@ -1,0 +1,223 @@
+"""ContrastiveTrainer end to end on small data: losses, logged metrics, checkpoints with per-sample state."""
+
+import json
+import os
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from emc2_hf import (
+    ContrastiveCollator,
+    ContrastiveEncoder,
+    ContrastiveEncoderConfig,
+    ContrastiveTrainer,
+    ContrastiveTrainingArguments,
+    ProbeEvaluator,
+    SimCLRAugmentation,
+)
+from emc2_hf.sampling import PER_SAMPLE_STATE_NAME
+
+
+def tiny_encoder() -> ContrastiveEncoder:
+    torch.manual_seed(0)
+    return ContrastiveEncoder(ContrastiveEncoderConfig(backbone="test_resnet", projection_dim=16))
+
+
+def collator() -> ContrastiveCollator:
+    return ContrastiveCollator(augmentation=SimCLRAugmentation(image_size=16, crop_scale=(0.5, 1.0)))
+
+
+def arguments(tmp_path, **overrides) -> ContrastiveTrainingArguments:
+    values = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 8,
+        "max_steps": 4,
+        "logging_steps": 2,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "seed": 0,
+    }
+    values.update(overrides)
+    return ContrastiveTrainingArguments(**values)
+
+
+class RecordLogs(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+@pytest.mark.parametrize("objective", ["emc2", "sogclr", "simclr"])
+def test_each_objective_trains_and_logs(tmp_path, digits, objective):
+    records = RecordLogs()
+    train = digits["train"].select(range(48))
+    trainer = ContrastiveTrainer(
+        model=tiny_encoder(), args=arguments(tmp_path, objective=objective), train_dataset=train,
+        data_collator=collator(), callbacks=[records],
+    )
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.model.parameters()))
+    loss_logs = [log for log in records.logs if "loss" in log]
+    assert len(loss_logs) == 2
+    if objective == "emc2":
+        assert all(0.0 < log["acceptance_rate"] <= 1.0 for log in loss_logs)
+        assert all(0.0 <= log["outside_batch_sample_fraction"] <= 1.0 for log in loss_logs)
+        visited = trainer.objective.chains.state_index != -1
+        assert visited.sum().item() == 4 * 8  # 4 steps × 8 distinct images (48 rows, no epoch wrap)
+    if objective == "sogclr":
+        assert trainer.objective.moving_average.initialised.sum().item() == 32
+
+
+def test_checkpoint_resumes_the_per_sample_state_exactly(tmp_path, digits):
+    train = digits["train"].select(range(40))
+
+    class CaptureState(TrainerCallback):
+        def __init__(self, objective_holder):
+            self.holder, self.states = objective_holder, {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.states[state.global_step] = {k: v.clone() for k, v in self.holder[0].objective.state_dict().items()}
+
+    holder = []
+    capture = CaptureState(holder)
+    trainer = ContrastiveTrainer(
+        model=tiny_encoder(), args=arguments(tmp_path, save_strategy="steps", save_steps=2), train_dataset=train,
+        data_collator=collator(), callbacks=[capture],
+    )
+    holder.append(trainer)
+    trainer.train()
+    checkpoint = os.path.join(tmp_path, "checkpoint-2")
+    saved = load_file(os.path.join(checkpoint, PER_SAMPLE_STATE_NAME))
+    assert set(saved) == {"chains.state_index", "chains.state_log_score"}
+    for name, value in capture.states[2].items():
+        assert torch.equal(saved[name], value), name
+    assert not torch.equal(capture.states[2]["chains.state_index"], capture.states[4]["chains.state_index"])
+
+    # A new trainer resumed from step 2 holds exactly the step-2 state (max_steps=2: nothing more is trained).
+    resumed = ContrastiveTrainer(
+        model=tiny_encoder(), args=arguments(tmp_path / "resumed", max_steps=2), train_dataset=train,
+        data_collator=collator(),
+    )
+    resumed.train(resume_from_checkpoint=checkpoint)
+    for name, value in resumed.objective.state_dict().items():
+        assert torch.equal(value, capture.states[2][name]), name
+
+    # Resuming with another objective or another training set is refused with the reason.
+    other = ContrastiveTrainer(
+        model=tiny_encoder(), args=arguments(tmp_path / "other", max_steps=2, objective="sogclr"),
+        train_dataset=train, data_collator=collator(),
+    )
+    with pytest.raises(ValueError, match="another objective"):
+        other.train(resume_from_checkpoint=checkpoint)
+    smaller = ContrastiveTrainer(
+        model=tiny_encoder(), args=arguments(tmp_path / "smaller", max_steps=2), train_dataset=train.select(range(30)),
+        data_collator=collator(),
+    )
+    with pytest.raises(ValueError, match="training set it was written for"):
+        smaller.train(resume_from_checkpoint=checkpoint)
+
+
+def test_sogclr_checkpoint_carries_u(tmp_path, digits):
+    trainer = ContrastiveTrainer(
+        model=tiny_encoder(), args=arguments(tmp_path, objective="sogclr", max_steps=2, save_strategy="steps",
+                                             save_steps=2),
+        train_dataset=digits["train"].select(range(40)), data_collator=collator(),
+    )
+    trainer.train()
+    saved = load_file(os.path.join(tmp_path, "checkpoint-2", PER_SAMPLE_STATE_NAME))
+    assert torch.equal(saved["moving_average.log_u"], trainer.objective.moving_average.log_u)
+    assert saved["moving_average.initialised"].sum().item() == 16
+
+
+def test_evaluate_reports_the_four_probe_accuracies(tmp_path, digits):
+    data_collator = collator()
+    evaluator = ProbeEvaluator(
+        train_dataset=digits["train"].select(range(200)), test_dataset=digits["test"].select(range(100)),
+        pixel_values_fn=data_collator.eval_pixel_values, num_draws=2,
+    )
+    trainer = ContrastiveTrainer(
+        model=tiny_encoder(), args=arguments(tmp_path, max_steps=2), train_dataset=digits["train"].select(range(40)),
+        data_collator=data_collator, probe_evaluator=evaluator,
+    )
+    metrics = trainer.evaluate()
+    assert set(metrics) == {"eval_linear_probe_accuracy", "eval_knn_accuracy", "eval_fewshot_linear_probe_accuracy",
+                            "eval_fewshot_knn_accuracy"}
+    assert all(0.0 <= value <= 1.0 for value in metrics.values())
+    assert metrics["eval_knn_accuracy"] > 0.3  # far above chance (0.1) even untrained
+    # The ProbeCallback evaluates at the end of training.
+    trainer.train()
+    assert trainer.last_evaluation[0] == 2
+    assert any("eval_knn_accuracy" in log for log in trainer.state.log_history)
+
+
+def test_collator_columns_survive_remove_unused_columns(tmp_path, digits):
+    trainer = ContrastiveTrainer(
+        model=tiny_encoder(), args=arguments(tmp_path, max_steps=1, remove_unused_columns=True),
+        train_dataset=digits["train"].select(range(16)), data_collator=collator(),
+    )
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+
+
+def test_missing_image_column_lists_the_columns(tmp_path, digits):
+    renamed = digits["train"].select(range(16)).rename_column("image", "img")
+    with pytest.raises(ValueError, match=r"no column 'image'.*\['img', 'label'\]"):
+        ContrastiveTrainer(model=tiny_encoder(), args=arguments(tmp_path), train_dataset=renamed,
+                           data_collator=collator())
+
+
+def test_streaming_datasets_are_refused_with_the_reason(tmp_path, digits):
+    streaming = digits["train"].select(range(16)).to_iterable_dataset()
+    with pytest.raises(ValueError, match="map-style dataset"):
+        ContrastiveTrainer(model=tiny_encoder(), args=arguments(tmp_path), train_dataset=streaming,
+                           data_collator=collator())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"objective": "byol"}, "--objective must be one of"),
+        ({"inverse_temperature": -1.0}, "inverse_temperature"),
+        ({"num_proposals": 4, "burn_in": 4}, "--burn_in"),
+        ({"sogclr_gamma": 1.5}, "sogclr_gamma"),
+        ({"per_device_train_batch_size": 1}, "at least 2 images per batch"),
+    ],
+)
+def test_bad_training_arguments_name_the_flag(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        arguments(tmp_path, **overrides)
+
+
+def test_trained_encoder_round_trips_with_from_pretrained(tmp_path, digits):
+    trainer = ContrastiveTrainer(model=tiny_encoder(), args=arguments(tmp_path, max_steps=1),
+                                 train_dataset=digits["train"].select(range(16)), data_collator=collator())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "encoder"))
+    loaded = ContrastiveEncoder.from_pretrained(str(tmp_path / "encoder")).eval()
+    model = trainer.model.eval()
+    pixels = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(model(pixel_values=pixels).features, loaded(pixel_values=pixels).features, atol=1e-6)
+    config = json.loads((tmp_path / "encoder" / "config.json").read_text())
+    assert config["backbone"] == "test_resnet" and (tmp_path / "encoder" / "model.safetensors").exists()
+    from transformers import AutoModel
+
+    auto = AutoModel.from_pretrained(str(tmp_path / "encoder"))
+    assert isinstance(auto, ContrastiveEncoder)
+
+
+def test_plain_torch_datasets_get_indices(tmp_path, digits):
+    rows = [{"image": digits["train"][i]["image"]} for i in range(16)]
+    trainer = ContrastiveTrainer(model=tiny_encoder(), args=arguments(tmp_path, max_steps=1), train_dataset=rows,
+                                 data_collator=collator())
+    trainer.train()
+    assert (trainer.objective.chains.state_index != -1).sum().item() == 8
+    assert isinstance(datasets.Dataset, type)
