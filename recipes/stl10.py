@@ -57,11 +57,16 @@ class DataArguments:
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column: str = field(default="label", metadata={"help": "Column holding the labels (probes only)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Pre-train on the first N rows only."})
-    image_size: int | None = field(default=None, metadata={"help": "Crop size (default: 32 for digits, 96 otherwise)."})
+    image_size: int | None = field(
+        default=None, metadata={"help": "Crop size (default: 32 for digits, 96 otherwise)."}
+    )
     crop_scale_min: float | None = field(
         default=None, metadata={"help": "Smallest random-resized-crop area fraction (default: 0.5 digits, 0.08)."}
     )
     color_jitter_strength: float = field(default=1.0, metadata={"help": "s in ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)."})
+    blur_probability: float | None = field(
+        default=None, metadata={"help": "Probability of a Gaussian blur (default: 0 for digits, 0.5 otherwise)."}
+    )
     horizontal_flip_probability: float | None = field(
         default=None, metadata={"help": "Horizontal flip probability (default: 0 for digits, 0.5 otherwise)."}
     )
@@ -84,12 +89,15 @@ def load_splits(data_args: DataArguments, seed: int) -> tuple[datasets.Dataset, 
         train, probe_train, evaluation = splits["train"], splits["train"], splits["test"]
     else:
         try:
-            train = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name,
-                                          split=data_args.train_split)
-            probe_train = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name,
-                                                split=data_args.probe_train_split)
-            evaluation = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name,
-                                               split=data_args.eval_split)
+            train = datasets.load_dataset(
+                data_args.dataset_name, data_args.dataset_config_name, split=data_args.train_split
+            )
+            probe_train = datasets.load_dataset(
+                data_args.dataset_name, data_args.dataset_config_name, split=data_args.probe_train_split
+            )
+            evaluation = datasets.load_dataset(
+                data_args.dataset_name, data_args.dataset_config_name, split=data_args.eval_split
+            )
         except (ConnectionError, OSError, FileNotFoundError, ValueError) as error:
             raise SystemExit(
                 f"Could not load dataset {data_args.dataset_name!r} ({type(error).__name__}: {error}).\n"
@@ -116,6 +124,9 @@ def build_augmentation(data_args: DataArguments) -> SimCLRAugmentation:
         contrast=0.8 * strength,
         saturation=0.8 * strength,
         hue=min(0.2 * strength, 0.5),
+        blur_probability=(
+            data_args.blur_probability if data_args.blur_probability is not None else (0.0 if digits else 0.5)
+        ),
     )
 
 
@@ -158,8 +169,13 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     )
     logger.info(
         "Pre-training %s (%.1fM parameters) with %s on %d images of %r; probes fitted on %d and measured on %d images",
-        model_args.backbone, sum(p.numel() for p in model.parameters()) / 1e6, trainer.objective,
-        len(train), data_args.dataset_name, len(probe_train), len(evaluation),
+        model_args.backbone,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        trainer.objective,
+        len(train),
+        data_args.dataset_name,
+        len(probe_train),
+        len(evaluation),
     )
 
     untrained = trainer.evaluate(metric_key_prefix="untrained")
@@ -172,17 +188,30 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         trained = trainer.last_evaluation[2]
     else:
         trained = trainer.evaluate()
-    logger.info("Probe accuracy after %d steps (%.0f s): %s", trainer.state.global_step, train_seconds,
-                format_probes(trained, "eval"))
+    logger.info(
+        "Probe accuracy after %d steps (%.0f s): %s",
+        trainer.state.global_step,
+        train_seconds,
+        format_probes(trained, "eval"),
+    )
 
     trainer.save_model(training_args.output_dir)
-    results = {**trained, **untrained, "train_runtime_seconds": round(train_seconds, 2),
-               "train_loss": train_result.training_loss, "global_step": trainer.state.global_step}
+    results = {
+        **trained,
+        **untrained,
+        "train_runtime_seconds": round(train_seconds, 2),
+        "train_loss": train_result.training_loss,
+        "global_step": trainer.state.global_step,
+    }
     if trainer.is_world_process_zero():
         trainer.save_metrics("eval", results)
         with open(os.path.join(training_args.output_dir, "run_config.json"), "w") as handle:
-            json.dump({"objective": trainer.objective.get_config_dict(), "data": vars(data_args),
-                       "model": vars(model_args)}, handle, indent=2, default=str)
+            json.dump(
+                {"objective": trainer.objective.get_config_dict(), "data": vars(data_args), "model": vars(model_args)},
+                handle,
+                indent=2,
+                default=str,
+            )
     return results
 
 

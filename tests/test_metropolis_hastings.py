@@ -14,13 +14,17 @@ def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
 
 
 def test_acceptance_probability_is_min_one_exp_score_difference():
-    # Anchors sit on column 0 (log-score 0) and always propose column 1 (log-score Δ): one step accepts w.p. min(1, e^Δ).
+    # Anchors sit on column 0 (log-score 0) and always propose column 1 (log-score Δ): accept w.p. min(1, e^Δ).
     deltas = torch.tensor([-2.0, -0.5, 0.0, 1.0])
     num_chains = 20_000
     log_scores = torch.stack([torch.zeros(4), deltas], dim=1).repeat_interleave(num_chains, dim=0)
     proposals = torch.ones((4 * num_chains, 1), dtype=torch.long)
     result = metropolis_hastings_sweep(
-        log_scores, proposals, torch.zeros(4 * num_chains, dtype=torch.long), torch.zeros(4 * num_chains), burn_in=0,
+        log_scores,
+        proposals,
+        torch.zeros(4 * num_chains, dtype=torch.long),
+        torch.zeros(4 * num_chains),
+        burn_in=0,
         generator=keyed_generator(0, "acceptance"),
     )
     empirical = (result.final_column == 1).float().view(4, num_chains).mean(dim=1)
@@ -33,7 +37,11 @@ def test_empty_chain_accepts_its_first_proposal_and_samples_skip_burn_in():
     log_scores = torch.randn(3, 5)
     proposals = torch.tensor([[1, 2, 3, 4], [0, 0, 0, 0], [4, 3, 2, 1]])
     result = metropolis_hastings_sweep(
-        log_scores, proposals, torch.full((3,), OUTSIDE_BATCH), torch.full((3,), float("-inf")), burn_in=2,
+        log_scores,
+        proposals,
+        torch.full((3,), OUTSIDE_BATCH),
+        torch.full((3,), float("-inf")),
+        burn_in=2,
         generator=keyed_generator(1),
     )
     assert result.samples.shape == (3, 2)
@@ -61,8 +69,13 @@ def test_uneven_candidate_counts_are_rejected():
 
 def test_burn_in_must_leave_samples():
     with pytest.raises(ValueError, match="burn_in"):
-        metropolis_hastings_sweep(torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-                                  torch.zeros(1), burn_in=2)
+        metropolis_hastings_sweep(
+            torch.zeros(1, 2),
+            torch.zeros(1, 2, dtype=torch.long),
+            torch.zeros(1, dtype=torch.long),
+            torch.zeros(1),
+            burn_in=2,
+        )
 
 
 def frozen_embeddings(num_images: int, dim: int = 4, seed: int = 0) -> torch.Tensor:

@@ -69,7 +69,9 @@ def info_nce_by_hand(embeddings: torch.Tensor, beta: float) -> torch.Tensor:
     total = 0.0
     for anchor in range(num_views):
         positive = (anchor + num_images) % num_views
-        others = torch.stack([beta * cosine(embeddings[anchor], embeddings[c]) for c in range(num_views) if c != anchor])
+        others = torch.stack(
+            [beta * cosine(embeddings[anchor], embeddings[c]) for c in range(num_views) if c != anchor]
+        )
         total = total - beta * cosine(embeddings[anchor], embeddings[positive]) + torch.logsumexp(others, dim=0)
     return total / num_views
 
@@ -142,9 +144,10 @@ def test_sogclr_does_not_overflow_at_beta_50():
         assert torch.isfinite(objective.moving_average.log_u).all()
     reference: dict = {}
     for _ in range(3):
-        used = sogclr_reference_step(reference, embeddings, [0, 1, 2, 3], beta, 0.9)
-    assert torch.allclose(objective.moving_average.log_u.double(), torch.stack([reference[i] for i in range(4)]).log(),
-                          rtol=1e-5)
+        sogclr_reference_step(reference, embeddings, [0, 1, 2, 3], beta, 0.9)
+    assert torch.allclose(
+        objective.moving_average.log_u.double(), torch.stack([reference[i] for i in range(4)]).log(), rtol=1e-5
+    )
     weights, _ = objective.negative_weights(pair_views(embeddings, torch.arange(4)), keyed_generator(0))
     assert torch.isfinite(weights).all()
 
@@ -154,7 +157,9 @@ def test_emc2_draws_are_reproducible_from_seed_and_step():
 
     def weights_at(step: int, seed: int = 0) -> torch.Tensor:
         objective = EMC2Objective(8, 5.0, seed=seed)
-        return objective.negative_weights(pair_views(embeddings, torch.arange(8)), keyed_generator(seed, "emc2", step))[0]
+        return objective.negative_weights(
+            pair_views(embeddings, torch.arange(8)), keyed_generator(seed, "emc2", step)
+        )[0]
 
     assert torch.equal(weights_at(3), weights_at(3))
     assert not torch.equal(weights_at(3), weights_at(4))
@@ -180,8 +185,14 @@ def brute_force_global_loss(features: torch.Tensor, beta: float) -> torch.Tensor
     total, count = 0.0, 0
     for i in range(num_images):
         for a in range(num_views):
-            negatives = torch.stack([beta * cosine(features[i, a], features[j, c])
-                                     for j in range(num_images) if j != i for c in range(num_views)])
+            negatives = torch.stack(
+                [
+                    beta * cosine(features[i, a], features[j, c])
+                    for j in range(num_images)
+                    if j != i
+                    for c in range(num_views)
+                ]
+            )
             for a2 in range(num_views):
                 if a2 != a:
                     total = total - beta * cosine(features[i, a], features[i, a2]) + torch.logsumexp(negatives, dim=0)
@@ -207,7 +218,9 @@ def test_surrogate_with_exact_softmax_weights_has_the_gradient_of_the_global_los
     embeddings = torch.cat([features[:, 0], features[:, 1]])
     pairs = pair_views(embeddings, torch.arange(num_images))
     exact = (beta * pairs.similarities.detach()).masked_fill(~pairs.negative_mask, -math.inf).softmax(dim=1)
-    (gradient,) = torch.autograd.grad(surrogate_loss(pairs.similarities, pairs.positive_columns, exact, beta), features)
+    (gradient,) = torch.autograd.grad(
+        surrogate_loss(pairs.similarities, pairs.positive_columns, exact, beta), features
+    )
     (expected,) = torch.autograd.grad(global_contrastive_loss(features, beta), features)
     assert torch.allclose(gradient, expected, atol=1e-5)
 

@@ -59,13 +59,16 @@ def test_each_objective_trains_and_logs(tmp_path, digits, objective):
     records = RecordLogs()
     train = digits["train"].select(range(48))
     trainer = ContrastiveTrainer(
-        model=tiny_encoder(), args=arguments(tmp_path, objective=objective), train_dataset=train,
-        data_collator=collator(), callbacks=[records],
+        model=tiny_encoder(),
+        args=arguments(tmp_path, objective=objective),
+        train_dataset=train,
+        data_collator=collator(),
+        callbacks=[records],
     )
     before = [p.detach().clone() for p in trainer.model.parameters()]
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
-    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.model.parameters()))
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.model.parameters(), strict=False))
     loss_logs = [log for log in records.logs if "loss" in log]
     assert len(loss_logs) == 2
     if objective == "emc2":
@@ -90,8 +93,11 @@ def test_checkpoint_resumes_the_per_sample_state_exactly(tmp_path, digits):
     holder = []
     capture = CaptureState(holder)
     trainer = ContrastiveTrainer(
-        model=tiny_encoder(), args=arguments(tmp_path, save_strategy="steps", save_steps=2), train_dataset=train,
-        data_collator=collator(), callbacks=[capture],
+        model=tiny_encoder(),
+        args=arguments(tmp_path, save_strategy="steps", save_steps=2),
+        train_dataset=train,
+        data_collator=collator(),
+        callbacks=[capture],
     )
     holder.append(trainer)
     trainer.train()
@@ -102,24 +108,38 @@ def test_checkpoint_resumes_the_per_sample_state_exactly(tmp_path, digits):
         assert torch.equal(saved[name], value), name
     assert not torch.equal(capture.states[2]["chains.state_index"], capture.states[4]["chains.state_index"])
 
-    # A new trainer resumed from step 2 holds exactly the step-2 state (max_steps=2: nothing more is trained).
+    # A new trainer resumed from step 2 starts training with exactly the step-2 state.
+    class StateAtTrainBegin(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.state = {k: v.clone() for k, v in resumed.objective.state_dict().items()}
+            self.step = state.global_step
+
+    at_begin = StateAtTrainBegin()
     resumed = ContrastiveTrainer(
-        model=tiny_encoder(), args=arguments(tmp_path / "resumed", max_steps=2), train_dataset=train,
+        model=tiny_encoder(),
+        args=arguments(tmp_path / "resumed", max_steps=4),
+        train_dataset=train,
         data_collator=collator(),
+        callbacks=[at_begin],
     )
     resumed.train(resume_from_checkpoint=checkpoint)
-    for name, value in resumed.objective.state_dict().items():
+    assert at_begin.step == 2
+    for name, value in at_begin.state.items():
         assert torch.equal(value, capture.states[2][name]), name
 
     # Resuming with another objective or another training set is refused with the reason.
     other = ContrastiveTrainer(
-        model=tiny_encoder(), args=arguments(tmp_path / "other", max_steps=2, objective="sogclr"),
-        train_dataset=train, data_collator=collator(),
+        model=tiny_encoder(),
+        args=arguments(tmp_path / "other", max_steps=2, objective="sogclr"),
+        train_dataset=train,
+        data_collator=collator(),
     )
     with pytest.raises(ValueError, match="another objective"):
         other.train(resume_from_checkpoint=checkpoint)
     smaller = ContrastiveTrainer(
-        model=tiny_encoder(), args=arguments(tmp_path / "smaller", max_steps=2), train_dataset=train.select(range(30)),
+        model=tiny_encoder(),
+        args=arguments(tmp_path / "smaller", max_steps=2),
+        train_dataset=train.select(range(30)),
         data_collator=collator(),
     )
     with pytest.raises(ValueError, match="training set it was written for"):
@@ -128,9 +148,10 @@ def test_checkpoint_resumes_the_per_sample_state_exactly(tmp_path, digits):
 
 def test_sogclr_checkpoint_carries_u(tmp_path, digits):
     trainer = ContrastiveTrainer(
-        model=tiny_encoder(), args=arguments(tmp_path, objective="sogclr", max_steps=2, save_strategy="steps",
-                                             save_steps=2),
-        train_dataset=digits["train"].select(range(40)), data_collator=collator(),
+        model=tiny_encoder(),
+        args=arguments(tmp_path, objective="sogclr", max_steps=2, save_strategy="steps", save_steps=2),
+        train_dataset=digits["train"].select(range(40)),
+        data_collator=collator(),
     )
     trainer.train()
     saved = load_file(os.path.join(tmp_path, "checkpoint-2", PER_SAMPLE_STATE_NAME))
@@ -141,16 +162,25 @@ def test_sogclr_checkpoint_carries_u(tmp_path, digits):
 def test_evaluate_reports_the_four_probe_accuracies(tmp_path, digits):
     data_collator = collator()
     evaluator = ProbeEvaluator(
-        train_dataset=digits["train"].select(range(200)), test_dataset=digits["test"].select(range(100)),
-        pixel_values_fn=data_collator.eval_pixel_values, num_draws=2,
+        train_dataset=digits["train"].select(range(200)),
+        test_dataset=digits["test"].select(range(100)),
+        pixel_values_fn=data_collator.eval_pixel_values,
+        num_draws=2,
     )
     trainer = ContrastiveTrainer(
-        model=tiny_encoder(), args=arguments(tmp_path, max_steps=2), train_dataset=digits["train"].select(range(40)),
-        data_collator=data_collator, probe_evaluator=evaluator,
+        model=tiny_encoder(),
+        args=arguments(tmp_path, max_steps=2),
+        train_dataset=digits["train"].select(range(40)),
+        data_collator=data_collator,
+        probe_evaluator=evaluator,
     )
     metrics = trainer.evaluate()
-    assert set(metrics) == {"eval_linear_probe_accuracy", "eval_knn_accuracy", "eval_fewshot_linear_probe_accuracy",
-                            "eval_fewshot_knn_accuracy"}
+    assert set(metrics) == {
+        "eval_linear_probe_accuracy",
+        "eval_knn_accuracy",
+        "eval_fewshot_linear_probe_accuracy",
+        "eval_fewshot_knn_accuracy",
+    }
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
     assert metrics["eval_knn_accuracy"] > 0.3  # far above chance (0.1) even untrained
     # The ProbeCallback evaluates at the end of training.
@@ -161,8 +191,10 @@ def test_evaluate_reports_the_four_probe_accuracies(tmp_path, digits):
 
 def test_collator_columns_survive_remove_unused_columns(tmp_path, digits):
     trainer = ContrastiveTrainer(
-        model=tiny_encoder(), args=arguments(tmp_path, max_steps=1, remove_unused_columns=True),
-        train_dataset=digits["train"].select(range(16)), data_collator=collator(),
+        model=tiny_encoder(),
+        args=arguments(tmp_path, max_steps=1, remove_unused_columns=True),
+        train_dataset=digits["train"].select(range(16)),
+        data_collator=collator(),
     )
     assert torch.isfinite(torch.tensor(trainer.train().training_loss))
 
@@ -170,15 +202,17 @@ def test_collator_columns_survive_remove_unused_columns(tmp_path, digits):
 def test_missing_image_column_lists_the_columns(tmp_path, digits):
     renamed = digits["train"].select(range(16)).rename_column("image", "img")
     with pytest.raises(ValueError, match=r"no column 'image'.*\['img', 'label'\]"):
-        ContrastiveTrainer(model=tiny_encoder(), args=arguments(tmp_path), train_dataset=renamed,
-                           data_collator=collator())
+        ContrastiveTrainer(
+            model=tiny_encoder(), args=arguments(tmp_path), train_dataset=renamed, data_collator=collator()
+        )
 
 
 def test_streaming_datasets_are_refused_with_the_reason(tmp_path, digits):
     streaming = digits["train"].select(range(16)).to_iterable_dataset()
     with pytest.raises(ValueError, match="map-style dataset"):
-        ContrastiveTrainer(model=tiny_encoder(), args=arguments(tmp_path), train_dataset=streaming,
-                           data_collator=collator())
+        ContrastiveTrainer(
+            model=tiny_encoder(), args=arguments(tmp_path), train_dataset=streaming, data_collator=collator()
+        )
 
 
 @pytest.mark.parametrize(
@@ -197,8 +231,12 @@ def test_bad_training_arguments_name_the_flag(tmp_path, overrides, message):
 
 
 def test_trained_encoder_round_trips_with_from_pretrained(tmp_path, digits):
-    trainer = ContrastiveTrainer(model=tiny_encoder(), args=arguments(tmp_path, max_steps=1),
-                                 train_dataset=digits["train"].select(range(16)), data_collator=collator())
+    trainer = ContrastiveTrainer(
+        model=tiny_encoder(),
+        args=arguments(tmp_path, max_steps=1),
+        train_dataset=digits["train"].select(range(16)),
+        data_collator=collator(),
+    )
     trainer.train()
     trainer.save_model(str(tmp_path / "encoder"))
     loaded = ContrastiveEncoder.from_pretrained(str(tmp_path / "encoder")).eval()
@@ -216,8 +254,9 @@ def test_trained_encoder_round_trips_with_from_pretrained(tmp_path, digits):
 
 def test_plain_torch_datasets_get_indices(tmp_path, digits):
     rows = [{"image": digits["train"][i]["image"]} for i in range(16)]
-    trainer = ContrastiveTrainer(model=tiny_encoder(), args=arguments(tmp_path, max_steps=1), train_dataset=rows,
-                                 data_collator=collator())
+    trainer = ContrastiveTrainer(
+        model=tiny_encoder(), args=arguments(tmp_path, max_steps=1), train_dataset=rows, data_collator=collator()
+    )
     trainer.train()
     assert (trainer.objective.chains.state_index != -1).sum().item() == 8
     assert isinstance(datasets.Dataset, type)

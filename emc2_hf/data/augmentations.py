@@ -53,8 +53,12 @@ class SimCLRAugmentation:
         low, high = self.crop_scale
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
-        for name in ("horizontal_flip_probability", "color_jitter_probability", "grayscale_probability",
-                     "blur_probability"):
+        for name in (
+            "horizontal_flip_probability",
+            "color_jitter_probability",
+            "grayscale_probability",
+            "blur_probability",
+        ):
             _check_probability(name, getattr(self, name))
         for name in ("brightness", "contrast", "saturation"):
             if getattr(self, name) < 0:
@@ -81,24 +85,28 @@ class SimCLRAugmentation:
         if self._train is None:
             jitter = v2.ColorJitter(self.brightness, self.contrast, self.saturation, self.hue)
             blur = v2.GaussianBlur(self.blur_kernel_size, sigma=self.blur_sigma)
-            self._train = v2.Compose([
-                v2.RandomResizedCrop(self.image_size, scale=self.crop_scale, antialias=True),
-                v2.RandomHorizontalFlip(self.horizontal_flip_probability),
-                v2.RandomApply([jitter], p=self.color_jitter_probability),
-                v2.RandomGrayscale(self.grayscale_probability),
-                v2.RandomApply([blur], p=self.blur_probability),
-                *self._finish(),
-            ])
+            self._train = v2.Compose(
+                [
+                    v2.RandomResizedCrop(self.image_size, scale=self.crop_scale, antialias=True),
+                    v2.RandomHorizontalFlip(self.horizontal_flip_probability),
+                    v2.RandomApply([jitter], p=self.color_jitter_probability),
+                    v2.RandomGrayscale(self.grayscale_probability),
+                    v2.RandomApply([blur], p=self.blur_probability),
+                    *self._finish(),
+                ]
+            )
         return self._train(image)
 
     def eval_transform(self, image: Image.Image) -> torch.Tensor:
         """Deterministic: resize the shorter side to ``image_size``, centre crop, normalise."""
         if self._eval is None:
-            self._eval = v2.Compose([
-                v2.Resize(self.image_size, antialias=True),
-                v2.CenterCrop(self.image_size),
-                *self._finish(),
-            ])
+            self._eval = v2.Compose(
+                [
+                    v2.Resize(self.image_size, antialias=True),
+                    v2.CenterCrop(self.image_size),
+                    *self._finish(),
+                ]
+            )
         return self._eval(image)
 
     def __getstate__(self) -> dict:

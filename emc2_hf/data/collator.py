@@ -53,7 +53,8 @@ class ContrastiveCollator:
         if self.index_column not in first:
             raise KeyError(
                 f"ContrastiveCollator: no column {self.index_column!r} (each row's dataset index). ContrastiveTrainer "
-                "adds it; elsewhere add it with dataset.map(lambda _, i: {'" + self.index_column
+                "adds it; elsewhere add it with dataset.map(lambda _, i: {'"
+                + self.index_column
                 + "': i}, with_indices=True)."
             )
         indices = [int(row[self.index_column]) for row in rows]
@@ -63,7 +64,7 @@ class ContrastiveCollator:
                 f"dataset indices {duplicates} appear twice in one batch, so an image would be its own negative; "
                 "sample batches without replacement"
             )
-        images = [decode_image(row[self.image_column], row=index) for row, index in zip(rows, indices)]
+        images = [decode_image(row[self.image_column], row=index) for row, index in zip(rows, indices, strict=False)]
         first_views = [self.augmentation.train_transform(image) for image in images]
         second_views = [self.augmentation.train_transform(image) for image in images]
         return {

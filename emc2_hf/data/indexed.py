@@ -22,7 +22,9 @@ class IndexedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.dataset[index]
         if not isinstance(row, dict):
-            raise TypeError(f"training rows must be dicts with an image column, got {type(row).__name__} at row {index}")
+            raise TypeError(
+                f"training rows must be dicts with an image column, got {type(row).__name__} at row {index}"
+            )
         return {**row, self.index_column: index}
 
 
@@ -47,7 +49,9 @@ def with_dataset_index(dataset: Any, image_column: str, index_column: str) -> An
                 f"Pass image_column=<one of them> (recipes: --image_column)."
             )
         if len(dataset) < 2:
-            raise ValueError(f"the training set has {len(dataset)} row(s); contrastive training needs at least 2 images")
+            raise ValueError(
+                f"the training set has {len(dataset)} row(s); contrastive training needs at least 2 images"
+            )
         if index_column not in dataset.column_names:
             dataset = dataset.add_column(index_column, list(range(len(dataset))))
         elif dataset[index_column] != list(range(len(dataset))):

@@ -133,7 +133,9 @@ def extract_features(
     the model is called as ``model(pixel_values=...)`` and must return ``.features``.
     """
     if image_column not in _column_names(dataset):
-        raise ValueError(f"no column {image_column!r} in the evaluation data; its columns are {_column_names(dataset)}")
+        raise ValueError(
+            f"no column {image_column!r} in the evaluation data; its columns are {_column_names(dataset)}"
+        )
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -182,9 +184,13 @@ class ProbeEvaluator:
             for name, dataset in (("train", self.train_dataset), ("test", self.test_dataset))
         }
         return probe_metrics(
-            features["train"], _labels(self.train_dataset, self.label_column),
-            features["test"], _labels(self.test_dataset, self.label_column),
-            self.shots_per_class, self.num_draws, self.seed,
+            features["train"],
+            _labels(self.train_dataset, self.label_column),
+            features["test"],
+            _labels(self.test_dataset, self.label_column),
+            self.shots_per_class,
+            self.num_draws,
+            self.seed,
         )
 
 

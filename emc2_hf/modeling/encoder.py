@@ -40,10 +40,29 @@ def projection_head(feature_dim: int, hidden_dim: int | None, projection_dim: in
     )
 
 
+def create_backbone(config: ContrastiveEncoderConfig) -> nn.Module:
+    """``timm.create_model(config.backbone, num_classes=0, ...)`` with a clear error for an unknown name."""
+    if config.backbone not in timm.list_models() and config.backbone.split(".")[0] not in timm.list_models():
+        raise ValueError(
+            f"unknown timm backbone {config.backbone!r}; see timm.list_models() (e.g. 'resnet18', 'resnet50')"
+        )
+    kwargs = dict(config.backbone_kwargs or {})
+    if not config.zero_init_residual and "zero_init_last" not in kwargs:
+        try:
+            return timm.create_model(
+                config.backbone, pretrained=config.pretrained_backbone, num_classes=0, zero_init_last=False, **kwargs
+            )
+        except TypeError as error:  # a backbone without residual zero-init
+            if "zero_init_last" not in str(error):
+                raise
+    return timm.create_model(config.backbone, pretrained=config.pretrained_backbone, num_classes=0, **kwargs)
+
+
 class ContrastiveEncoder(PreTrainedModel):
     """Image encoder for contrastive pre-training: ``features = backbone(x)``, ``embeddings = head(features)``.
 
-    ``save_pretrained`` / ``from_pretrained`` round-trip config and weights (safetensors). The backbone is any timm model,
+    ``save_pretrained`` / ``from_pretrained`` round-trip config and weights (safetensors). The backbone is any timm
+    model,
     built with ``pretrained=False`` unless ``config.pretrained_backbone`` asks otherwise.
 
     Example:
@@ -66,16 +85,7 @@ class ContrastiveEncoder(PreTrainedModel):
 
     def __init__(self, config: ContrastiveEncoderConfig) -> None:
         super().__init__(config)
-        try:
-            self.backbone = timm.create_model(
-                config.backbone, pretrained=config.pretrained_backbone, num_classes=0, **(config.backbone_kwargs or {})
-            )
-        except RuntimeError as error:
-            if "Unknown model" in str(error):
-                raise ValueError(
-                    f"unknown timm backbone {config.backbone!r}; see timm.list_models() (e.g. 'resnet18', 'resnet50')"
-                ) from error
-            raise
+        self.backbone = create_backbone(config)
         config.feature_dim = self.backbone.num_features
         self.projection = projection_head(config.feature_dim, config.projection_hidden_dim, config.projection_dim)
         self.post_init()

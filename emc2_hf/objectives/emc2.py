@@ -16,7 +16,8 @@ def visit_frequency_weights(
     """Negative weights from post-burn-in chain samples (eq. (11)).
 
     Args:
-        samples: ``LongTensor[A, S]``, candidate column of each sample, ``OUTSIDE_BATCH`` for a state outside the batch.
+        samples: ``LongTensor[A, S]``, candidate column of each sample (``OUTSIDE_BATCH``: a state outside
+            the batch).
         log_scores: ``FloatTensor[A, C]``, ``β s``.
         negative_mask: ``BoolTensor[A, C]``.
 
@@ -35,7 +36,8 @@ class EMC2Objective(ContrastiveObjective):
 
     Every training example ``i`` owns a Markov chain whose state is the dataset index of a negative and its log-score
     ``β s``; both views of the image share it (paper §4.1, "infinite augmentation"). Each step, every anchor view runs
-    ``R`` Metropolis–Hastings proposals drawn uniformly from its ``2b − 2`` in-batch negatives, starting from the stored
+    ``R`` Metropolis–Hastings proposals drawn uniformly from its ``2b − 2`` in-batch negatives, starting from the
+    stored
     state; the states after the burn-in ``P`` are the samples, and the negative weights are their visit frequencies::
 
         w_ac = n_ac / (R − P)          (n_ac: post-burn-in samples of anchor a sitting on column c)
@@ -139,7 +141,8 @@ class EMC2Objective(ContrastiveObjective):
 
         metrics = {
             "acceptance_rate": sweep.num_accepted.sum() / float(sweep.num_accepted.numel() * num_proposals),
-            "outside_batch_sample_fraction": num_outside.sum() / float(num_outside.numel() * (num_proposals - burn_in)),
+            "outside_batch_sample_fraction": num_outside.sum()
+            / float(num_outside.numel() * (num_proposals - burn_in)),
         }
         return weights, metrics
 

@@ -47,8 +47,10 @@ class ContrastiveTrainingArguments(TrainingArguments):
     )
     inverse_temperature: float = field(
         default=5.0,
-        metadata={"help": "β = 1/τ, the inverse temperature of the softmax over negatives (paper: 14.28 at b=32, 5 at "
-                  "b=256)."},
+        metadata={
+            "help": "β = 1/τ, the inverse temperature of the softmax over negatives (paper: 14.28 at b=32, 5 at "
+            "b=256)."
+        },
     )
     num_proposals: int | None = field(
         default=None,
@@ -86,7 +88,8 @@ class ContrastiveTrainingArguments(TrainingArguments):
             raise ValueError(f"--burn_in (P) must be >= 0, got {self.burn_in}")
         if self.num_proposals is not None and self.burn_in is not None and self.burn_in >= self.num_proposals:
             raise ValueError(
-                f"--burn_in ({self.burn_in}) must be smaller than --num_proposals ({self.num_proposals}) so that samples "
+                f"--burn_in ({self.burn_in}) must be smaller than --num_proposals ({self.num_proposals}) so that "
+                "samples "
                 "remain after the burn-in"
             )
         if not 0 < self.sogclr_gamma <= 1:

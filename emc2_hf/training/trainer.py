@@ -26,11 +26,12 @@ class ContrastiveTrainer(Trainer):
     A batch travels collator → :meth:`compute_loss` → model (embeddings of the two views) → objective (negative weights
     from its per-sample state) → loss. The objective's per-sample state is written into every checkpoint as
     ``per_sample_state.safetensors`` and restored by ``train(resume_from_checkpoint=...)``. Metrics the objective
-    reports (EMC²'s ``acceptance_rate`` and ``outside_batch_sample_fraction``) are averaged over each logging window and
-    logged with the loss.
+    reports (EMC²'s ``acceptance_rate`` and ``outside_batch_sample_fraction``) are averaged over each logging window
+    and logged with the loss.
 
     Args:
-        model: a model whose forward takes ``pixel_values`` and returns ``embeddings`` (and ``features`` for the probes),
+        model: a model whose forward takes ``pixel_values`` and returns ``embeddings`` (and ``features`` for the
+            probes),
             e.g. :class:`~emc2_hf.ContrastiveEncoder`.
         args: :class:`ContrastiveTrainingArguments`.
         train_dataset: map-style dataset of rows with an image column; the dataset index column is added if missing.
@@ -54,7 +55,9 @@ class ContrastiveTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         if not isinstance(args, ContrastiveTrainingArguments):
-            raise TypeError("ContrastiveTrainer needs ContrastiveTrainingArguments (it carries the objective's settings)")
+            raise TypeError(
+                "ContrastiveTrainer needs ContrastiveTrainingArguments (it carries the objective's settings)"
+            )
         data_collator = data_collator if data_collator is not None else ContrastiveCollator()
         train_dataset = with_dataset_index(train_dataset, data_collator.image_column, data_collator.index_column)
         if objective is None:
@@ -70,8 +73,14 @@ class ContrastiveTrainer(Trainer):
         callbacks = list(callbacks or [])
         if probe_evaluator is not None and not any(isinstance(callback, ProbeCallback) for callback in callbacks):
             callbacks.append(ProbeCallback())
-        super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
-                         callbacks=callbacks, **kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            data_collator=data_collator,
+            callbacks=callbacks,
+            **kwargs,
+        )
         self.objective = objective
         self.probe_evaluator = probe_evaluator
         self._objective_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -127,7 +136,8 @@ class ContrastiveTrainer(Trainer):
         """Linear-probe, 1-NN and few-shot accuracies of the backbone features (needs ``probe_evaluator``)."""
         if self.probe_evaluator is None:
             raise ValueError(
-                "ContrastiveTrainer.evaluate needs a probe_evaluator (a ProbeEvaluator over labelled train/test splits)"
+                "ContrastiveTrainer.evaluate needs a probe_evaluator "
+                "(a ProbeEvaluator over labelled train/test splits)"
             )
         model = self.accelerator.unwrap_model(self.model)
         metrics = {
@@ -135,7 +145,7 @@ class ContrastiveTrainer(Trainer):
             for name, value in self.probe_evaluator(model, device=self.args.device).items()
         }
         self.last_evaluation = (self.state.global_step, metric_key_prefix, metrics)
-        self.log(metrics)
+        self.log(dict(metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
