@@ -10,11 +10,36 @@ import pytest
 from emc2_hf import ContrastiveEncoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--dataset_name", "digits", "--image_size", "16", "--backbone", "test_resnet", "--projection_dim", "16",
-        "--per_device_train_batch_size", "16", "--max_steps", "3", "--report_to", "none", "--disable_tqdm", "true",
-        "--use_cpu", "true", "--save_steps", "3", "--logging_steps", "1"]
-PROBE_KEYS = {"eval_linear_probe_accuracy", "eval_knn_accuracy", "eval_fewshot_linear_probe_accuracy",
-              "eval_fewshot_knn_accuracy"}
+FAST = [
+    "--dataset_name",
+    "digits",
+    "--image_size",
+    "16",
+    "--backbone",
+    "test_resnet",
+    "--projection_dim",
+    "16",
+    "--per_device_train_batch_size",
+    "16",
+    "--max_steps",
+    "3",
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+    "--use_cpu",
+    "true",
+    "--save_steps",
+    "3",
+    "--logging_steps",
+    "1",
+]
+PROBE_KEYS = {
+    "eval_linear_probe_accuracy",
+    "eval_knn_accuracy",
+    "eval_fewshot_linear_probe_accuracy",
+    "eval_fewshot_knn_accuracy",
+}
 
 
 def run(command, tmp_path, timeout=600):
@@ -43,8 +68,22 @@ def test_stl10_recipe_runs_offline_on_digits(tmp_path):
 
 def test_stl10_recipe_under_accelerate_launch(tmp_path):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    command = [accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "recipes/stl10.py", *FAST, "--output_dir", str(tmp_path)]
+    command = [
+        accelerate,
+        "launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "recipes/stl10.py",
+        *FAST,
+        "--output_dir",
+        str(tmp_path),
+    ]
     result = run(command, tmp_path)
     check_output(tmp_path, result.stderr + result.stdout)
 
@@ -52,8 +91,20 @@ def test_stl10_recipe_under_accelerate_launch(tmp_path):
 def test_missing_hub_dataset_offline_says_what_to_do(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "recipes/stl10.py", *FAST, "--dataset_name", "someone/not-a-dataset", "--output_dir",
-         str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "recipes/stl10.py",
+            *FAST,
+            "--dataset_name",
+            "someone/not-a-dataset",
+            "--output_dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0
     assert "Could not load dataset 'someone/not-a-dataset'" in result.stderr

@@ -18,6 +18,7 @@ from ..evaluation.probes import ProbeEvaluator
 from ..objectives import ContrastiveObjective, build_objective
 from ..sampling.sample_state import load_per_sample_state, save_per_sample_state
 from .arguments import ContrastiveTrainingArguments
+from .distributed import gather_views
 
 
 class ContrastiveTrainer(Trainer):
@@ -113,9 +114,11 @@ class ContrastiveTrainer(Trainer):
         state = next(self.objective.buffers(), None)
         if state is not None and state.device != embeddings.device:
             self.objective.to(embeddings.device)
+        # Every process evaluates the objective on the global batch, so per-sample state stays identical everywhere.
+        embeddings, dataset_indices = gather_views(embeddings, inputs[self.data_collator.index_column])
         objective_output = self.objective(
             embeddings,
-            inputs[self.data_collator.index_column],
+            dataset_indices,
             step=self.state.global_step,
             micro_step=self._next_micro_step(),
         )

@@ -1,0 +1,118 @@
+"""Run under ``torchrun --nproc_per_node 2`` by test_distributed.py (gloo, CPU). Writes one JSON per rank."""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from emc2_hf.objectives import build_objective
+from emc2_hf.training.distributed import gather_views
+
+
+def objective_equivalence(output_dir: str) -> None:
+    """N processes × b images with gathered views == 1 process × Nb images: loss, gradient and per-sample state."""
+    dist.init_process_group("gloo")
+    rank, size = dist.get_rank(), dist.get_world_size()
+    report = {}
+    for name in ("emc2", "sogclr", "simclr"):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(12, 6)
+        reference_model = torch.nn.Linear(12, 6)
+        reference_model.load_state_dict(model.state_dict())
+        objective = build_objective(name, 20, 5.0, seed=1)
+        reference_objective = build_objective(name, 20, 5.0, seed=1)
+        checks = []
+        for step in range(3):
+            generator = torch.Generator().manual_seed(step)
+            num_images = 4 * size
+            views = torch.randn(2, num_images, 12, generator=generator)  # [view, image, features]
+            indices = torch.randperm(20, generator=generator)[:num_images]
+            local = slice(rank * 4, (rank + 1) * 4)
+
+            embeddings, gathered_indices = gather_views(
+                model(torch.cat([views[0, local], views[1, local]])), indices[local]
+            )
+            loss = objective(embeddings, gathered_indices, step=step).loss
+            model.zero_grad()
+            loss.backward()
+            for parameter in model.parameters():  # what DDP does
+                dist.all_reduce(parameter.grad)
+                parameter.grad /= size
+
+            reference_loss = reference_objective(reference_model(views.reshape(-1, 12)), indices, step=step).loss
+            reference_model.zero_grad()
+            reference_loss.backward()
+            checks.append(
+                {
+                    "loss_equal": abs(loss.item() - reference_loss.item()) < 1e-6,
+                    "grad_close": all(
+                        torch.allclose(p.grad, q.grad, atol=1e-6)
+                        for p, q in zip(model.parameters(), reference_model.parameters(), strict=True)
+                    ),
+                    # Integer state bit-exact; float state up to the rounding of a matmul split across processes.
+                    "state_equal": all(
+                        torch.equal(a, b) if not a.is_floating_point() else torch.allclose(a, b, atol=1e-5)
+                        for a, b in zip(
+                            objective.state_dict().values(), reference_objective.state_dict().values(), strict=True
+                        )
+                    ),
+                }
+            )
+            with torch.no_grad():
+                for p, q in zip(model.parameters(), reference_model.parameters(), strict=True):
+                    p -= 0.5 * p.grad
+                    q -= 0.5 * q.grad
+        report[name] = checks
+    with open(os.path.join(output_dir, f"objectives-rank{rank}.json"), "w") as handle:
+        json.dump(report, handle)
+    dist.destroy_process_group()
+
+
+def trainer_state(output_dir: str) -> None:
+    """ContrastiveTrainer under torchrun: every rank ends with the same per-sample state."""
+    from emc2_hf import (
+        ContrastiveCollator,
+        ContrastiveEncoder,
+        ContrastiveEncoderConfig,
+        ContrastiveTrainer,
+        ContrastiveTrainingArguments,
+        SimCLRAugmentation,
+        load_digits_dataset,
+    )
+
+    torch.manual_seed(0)
+    model = ContrastiveEncoder(ContrastiveEncoderConfig(backbone="test_resnet", projection_dim=16))
+    args = ContrastiveTrainingArguments(
+        output_dir=os.path.join(output_dir, "run"),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        ddp_backend="gloo",
+    )
+    trainer = ContrastiveTrainer(
+        model=model,
+        args=args,
+        train_dataset=load_digits_dataset(image_size=16)["train"].select(range(40)),
+        data_collator=ContrastiveCollator(augmentation=SimCLRAugmentation(image_size=16)),
+    )
+    trainer.train()
+    rank = dist.get_rank()
+    state = trainer.objective.chains
+    with open(os.path.join(output_dir, f"trainer-rank{rank}.json"), "w") as handle:
+        json.dump(
+            {
+                "world_size": dist.get_world_size(),
+                "state_index": state.state_index.tolist(),
+                "state_log_score": state.state_log_score.tolist(),
+            },
+            handle,
+        )
+
+
+if __name__ == "__main__":
+    {"objectives": objective_equivalence, "trainer": trainer_state}[sys.argv[1]](sys.argv[2])

@@ -1,0 +1,50 @@
+"""Two gloo processes on CPU: gathered views make N × b/N the same objective step as 1 × b."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(mode: str, tmp_path) -> None:
+    torchrun_bin = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(
+        [
+            torchrun_bin,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            "tests/distributed_worker.py",
+            mode,
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def test_two_processes_compute_the_single_process_loss_gradient_and_state(tmp_path):
+    torchrun("objectives", tmp_path)
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"objectives-rank{rank}.json").read_text())
+        for name, checks in report.items():
+            for step, check in enumerate(checks):
+                assert check == {"loss_equal": True, "grad_close": True, "state_equal": True}, (rank, name, step)
+
+
+def test_trainer_keeps_identical_per_sample_state_on_every_process(tmp_path):
+    torchrun("trainer", tmp_path)
+    ranks = [json.loads((tmp_path / f"trainer-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["world_size"] == 2
+    assert ranks[0]["state_index"] == ranks[1]["state_index"]
+    assert ranks[0]["state_log_score"] == ranks[1]["state_log_score"]
+    # 3 steps × 2 processes × 4 images: 24 distinct images visited.
+    assert sum(index != -1 for index in ranks[0]["state_index"]) == 24
