@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModel
 
 from .data import ContrastiveCollator, SimCLRAugmentation, load_digits_dataset
 from .evaluation import ProbeCallback, ProbeEvaluator, probe_metrics
+from .hub import ModelCardData, export_encoder, load_projection_head
 from .modeling import ContrastiveEncoder, ContrastiveEncoderConfig, ContrastiveEncoderOutput
 from .objectives import (
     EMC2Objective,
@@ -27,13 +28,16 @@ __all__ = [
     "ContrastiveTrainer",
     "ContrastiveTrainingArguments",
     "EMC2Objective",
+    "ModelCardData",
     "ProbeCallback",
     "ProbeEvaluator",
     "SimCLRAugmentation",
     "SimCLRObjective",
     "SogCLRObjective",
     "build_objective",
+    "export_encoder",
     "global_contrastive_loss",
     "load_digits_dataset",
+    "load_projection_head",
     "probe_metrics",
 ]

@@ -10,8 +10,10 @@ STL-10 from the Hub or a local copy (a GPU job; paper settings for b = 32: β = 
     accelerate launch recipes/stl10.py --dataset_name tanganke/stl10 --output_dir runs/stl10-emc2 \
         --per_device_train_batch_size 32 --inverse_temperature 14.28 --learning_rate 1e-4 --num_train_epochs 100
 
-Writes the encoder (``from_pretrained(output_dir)``), ``eval_results.json`` with the probe accuracies of the trained
-encoder (and of the untrained one, prefixed ``untrained_``), and checkpoints that carry the per-sample state.
+Writes the encoder (``from_pretrained(output_dir)``), its timm/transformers export with a model card
+(``output_dir/export``; ``--push_to_hub --hub_model_id user/name`` uploads it), ``eval_results.json`` with the
+probe accuracies of the trained encoder (and of the untrained one, prefixed ``untrained_``), and checkpoints that carry
+the per-sample state.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 import datasets
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, set_seed
 
 from emc2_hf import (
     ContrastiveCollator,
@@ -32,6 +34,7 @@ from emc2_hf import (
     ContrastiveEncoderConfig,
     ContrastiveTrainer,
     ContrastiveTrainingArguments,
+    ModelCardData,
     ProbeEvaluator,
     SimCLRAugmentation,
     load_digits_dataset,
@@ -157,6 +160,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         batch_size=max(training_args.per_device_eval_batch_size, 256),
         seed=training_args.seed,
     )
+    set_seed(training_args.seed)  # the encoder's initialisation is part of the run
     model = ContrastiveEncoder(
         ContrastiveEncoderConfig(
             backbone=model_args.backbone,
@@ -164,8 +168,19 @@ def main(args: list[str] | None = None) -> dict[str, float]:
             projection_dim=model_args.projection_dim,
         )
     )
+    card_data = ModelCardData(
+        dataset_name="scikit-learn digits" if data_args.dataset_name == DIGITS else data_args.dataset_name,
+        train_split=data_args.train_split,
+        probe_train_split=data_args.probe_train_split,
+        eval_split=data_args.eval_split,
+    )
     trainer = ContrastiveTrainer(
-        model=model, args=training_args, train_dataset=train, data_collator=collator, probe_evaluator=probe_evaluator
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        data_collator=collator,
+        probe_evaluator=probe_evaluator,
+        model_card_data=card_data,
     )
     logger.info(
         "Pre-training %s (%.1fM parameters) with %s on %d images of %r; probes fitted on %d and measured on %d images",
@@ -195,7 +210,12 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         format_probes(trained, "eval"),
     )
 
+    # With --push_to_hub, save_model also uploads the export (ContrastiveTrainer.push_to_hub), never a checkpoint.
     trainer.save_model(training_args.output_dir)
+    export_dir = trainer.export()
+    logger.info("Encoder for timm / transformers (with its model card) written to %s", export_dir)
+    if training_args.push_to_hub:
+        logger.info("Pushed the export to the Hub as %s", trainer.hub_model_id)
     results = {
         **trained,
         **untrained,

@@ -36,6 +36,11 @@ class ContrastiveTrainingArguments(TrainingArguments):
     sogclr_gamma (`float`, defaults to `0.9`):
         γ, weight of the new estimate in `u ← (1 − γ) u + γ · mean exp(β s)`.
 
+    > Export
+
+    export_projection_head (`bool`, defaults to `False`):
+        Whether `export()` and `push_to_hub()` ship the projection head beside the backbone.
+
     Defaults changed from [`~transformers.TrainingArguments`]: `learning_rate=1e-3`, `weight_decay=1e-4`,
     `lr_scheduler_type="cosine"`, `logging_steps=10`, `dataloader_drop_last=True` (a last batch of one image would
     have no negatives) and `remove_unused_columns=False` (the collator reads the raw image column).
@@ -63,6 +68,11 @@ class ContrastiveTrainingArguments(TrainingArguments):
     sogclr_gamma: float = field(
         default=0.9,
         metadata={"help": "SogCLR: moving-average weight γ of the new estimate of u, in (0, 1]."},
+    )
+
+    export_projection_head: bool = field(
+        default=False,
+        metadata={"help": "Include the projection head in export() / push_to_hub() (default: the backbone only)."},
     )
 
     learning_rate: float = field(default=1e-3, metadata={"help": "The initial learning rate (Adam/AdamW)."})

@@ -7,6 +7,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -15,6 +16,8 @@ from ..data.collator import ContrastiveCollator
 from ..data.indexed import with_dataset_index
 from ..evaluation.callbacks import ProbeCallback
 from ..evaluation.probes import ProbeEvaluator
+from ..hub.export import export_encoder
+from ..hub.model_card import OBJECTIVE_TITLES, ModelCardData, objective_settings, probe_rows, render_model_card
 from ..objectives import ContrastiveObjective, build_objective
 from ..sampling.sample_state import load_per_sample_state, save_per_sample_state
 from .arguments import ContrastiveTrainingArguments
@@ -41,6 +44,7 @@ class ContrastiveTrainer(Trainer):
             few-shot accuracies, and they also run at the end of training (and every ``eval_steps`` with
             ``eval_strategy="steps"``).
         objective: a ready objective, overriding the one ``args`` describe.
+        model_card_data: where the data came from, for the model card of :meth:`export` / :meth:`push_to_hub`.
         **kwargs: passed to :class:`transformers.Trainer`.
     """
 
@@ -52,6 +56,7 @@ class ContrastiveTrainer(Trainer):
         data_collator: ContrastiveCollator | None = None,
         probe_evaluator: ProbeEvaluator | None = None,
         objective: ContrastiveObjective | None = None,
+        model_card_data: ModelCardData | None = None,
         callbacks: list | None = None,
         **kwargs: Any,
     ) -> None:
@@ -84,6 +89,7 @@ class ContrastiveTrainer(Trainer):
         )
         self.objective = objective
         self.probe_evaluator = probe_evaluator
+        self.model_card_data = model_card_data if model_card_data is not None else ModelCardData()
         self._objective_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._micro_step_position = (-1, 0)
         self.last_evaluation: tuple[int, str, dict[str, float]] | None = None
@@ -161,3 +167,121 @@ class ContrastiveTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_per_sample_state(self.objective, resume_from_checkpoint)
+
+    # ---- Hub: the export, not the raw training checkpoint, is what gets pushed ----
+
+    def model_card(self, repo_id: str | None = None, include_projection_head: bool | None = None) -> str:
+        """The encoder's model card: objective and hyper-parameters, data, training length, probe accuracies."""
+        from .. import __version__
+
+        model = self.accelerator.unwrap_model(self.model)
+        augmentation = self.data_collator.augmentation
+        card = self.model_card_data
+        repo_id = (
+            repo_id
+            or self.hub_model_id
+            or self.args.hub_model_id
+            or os.path.basename(os.path.abspath(self.args.output_dir))
+        )
+        if include_projection_head is None:
+            include_projection_head = self.args.export_projection_head
+        step, prefix, metrics = self.last_evaluation or (None, "eval", {})
+        config = self.objective.get_config_dict()
+        citations = [self.objective.citation]
+        if self.objective.name != "emc2":
+            from ..objectives import EMC2Objective
+
+            citations.append(EMC2Objective.citation)
+        return render_model_card(
+            model_name=card.model_name or repo_id.split("/")[-1],
+            repo_id=repo_id,
+            license=card.license,
+            objective=self.objective.name,
+            objective_title=OBJECTIVE_TITLES.get(self.objective.name, self.objective.name),
+            objective_settings=objective_settings(config),
+            backbone=model.config.backbone,
+            feature_dim=model.config.feature_dim,
+            includes_projection_head=include_projection_head,
+            dataset_name=card.dataset_name,
+            train_split=card.train_split,
+            probe_train_split=card.probe_train_split,
+            eval_split=card.eval_split,
+            train_rows=len(self.train_dataset) if self.train_dataset is not None else None,
+            batch_size=self.args.per_device_train_batch_size
+            * self.args.gradient_accumulation_steps
+            * self.args.world_size,
+            steps=self.state.global_step,
+            epochs=float(self.state.epoch or 0.0),
+            optimizer=str(self.args.optim),
+            learning_rate=self.args.learning_rate,
+            weight_decay=self.args.weight_decay,
+            scheduler=str(self.args.lr_scheduler_type),
+            image_size=augmentation.image_size,
+            mean=list(augmentation.mean),
+            std=list(augmentation.std),
+            metrics=probe_rows(metrics, prefix) if step is not None else [],
+            eval_step=step,
+            shots_per_class=getattr(self.probe_evaluator, "shots_per_class", 5),
+            library_version=__version__,
+            citations=citations,
+        )
+
+    def export(
+        self, output_dir: str | None = None, include_projection_head: bool | None = None, repo_id: str | None = None
+    ) -> str:
+        """Write the backbone (timm + transformers loadable), optionally the head, and the model card.
+
+        Returns the export directory (default ``output_dir/export``).
+        """
+        output_dir = output_dir or os.path.join(self.args.output_dir, "export")
+        if include_projection_head is None:
+            include_projection_head = self.args.export_projection_head
+        if self.args.should_save:
+            augmentation = self.data_collator.augmentation
+            export_encoder(
+                self.accelerator.unwrap_model(self.model),
+                output_dir,
+                image_size=augmentation.image_size,
+                mean=augmentation.mean,
+                std=augmentation.std,
+                include_projection_head=include_projection_head,
+                model_card=self.model_card(repo_id, include_projection_head),
+            )
+        return output_dir
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        include_projection_head: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Upload the export (config, safetensors backbone, model card) to ``args.hub_model_id``.
+
+        Unlike :meth:`transformers.Trainer.push_to_hub`, the raw training checkpoint (optimizer, per-sample state) is
+        never uploaded: the repository holds what timm and transformers load.
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        export_dir = self.export(
+            os.path.join(self.args.output_dir, "hub_export"), include_projection_head, repo_id=self.hub_model_id
+        )
+        if not self.is_world_process_zero():
+            return None
+        return HfApi().upload_folder(
+            repo_id=self.hub_model_id,
+            folder_path=export_dir,
+            commit_message=commit_message,
+            token=token,
+            revision=revision if revision is not None else self.args.hub_revision,
+            run_as_future=not blocking,
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Training checkpoints stay local; push_to_hub uploads the export at the end.
+        return None
