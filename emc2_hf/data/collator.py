@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from .augmentations import SimCLRAugmentation
 from .images import decode_image
 
 
+class MissingColumnError(KeyError):
+    """A ``KeyError`` whose message prints as written (``KeyError`` would print its ``repr``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 @dataclass
 class ContrastiveCollator:
-    """Data collator for two-view contrastive training, in the style of transformers' collators.
+    """Data collator for two-view contrastive training, in the style of transformers' data collators.
 
-    ``__call__(rows)`` returns::
+    ``__call__(rows)`` decodes each row's image (anything :func:`~emc2_hf.data.decode_image` accepts, e.g. a
+    ``datasets.Image(decode=False)`` dict), augments it twice independently and returns::
 
-        {"pixel_values": FloatTensor[2b, 3, H, W],   # rows 0…b−1: view 1 of each row; rows b…2b−1: view 2
-         "dataset_index": LongTensor[b]}            # each row's index in the training set
+        {"pixel_values": FloatTensor[2b, 3, H, W],  # rows 0…b−1: view 1 of each row; rows b…2b−1: view 2
+         index_column: LongTensor[b]}              # each row's dataset index
 
-    Images are decoded here (PIL, arrays, ``datasets`` image dicts, bytes or paths), converted to RGB, and
-    augmented independently twice. Bad input raises an error naming the problem and the fix.
+    so view 1 of row ``k`` is at ``k`` and view 2 at ``k + b``. The index output key is ``index_column``
+    (``"dataset_index"`` by default). Bad input raises an error naming the problem and the fix.
 
     Args:
         augmentation: the random view generator (and the deterministic evaluation transform).
@@ -35,36 +46,17 @@ class ContrastiveCollator:
 
     @property
     def required_columns(self) -> list[str]:
+        """Columns every row must have: ``[image_column, index_column]``."""
         return [self.image_column, self.index_column]
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if len(rows) < 2:
-            raise ValueError(
-                f"a batch of {len(rows)} image leaves its anchor without negatives; contrastive training needs at "
-                "least 2 images per batch: raise per_device_train_batch_size, or keep dataloader_drop_last=True so a "
-                "short last batch is dropped"
-            )
-        first = rows[0]
-        if self.image_column not in first:
-            raise KeyError(
-                f"ContrastiveCollator: no column {self.image_column!r} in the dataset rows; the columns are "
-                f"{sorted(first)}. Pass image_column=<the image column> (recipes: --image_column)."
-            )
-        if self.index_column not in first:
-            raise KeyError(
-                f"ContrastiveCollator: no column {self.index_column!r} (each row's dataset index). ContrastiveTrainer "
-                "adds it; elsewhere add it with dataset.map(lambda _, i: {'"
-                + self.index_column
-                + "': i}, with_indices=True)."
-            )
+        """Collate ``b ≥ 2`` rows into ``{"pixel_values": [2b, 3, H, W], index_column: [b]}``."""
+        self._check_batch_size(len(rows))
+        for row in rows:
+            self._check_columns(row)
         indices = [int(row[self.index_column]) for row in rows]
-        if len(set(indices)) != len(indices):
-            duplicates = sorted({index for index in indices if indices.count(index) > 1})
-            raise ValueError(
-                f"dataset indices {duplicates} appear twice in one batch, so an image would be its own negative; "
-                "sample batches without replacement"
-            )
-        images = [decode_image(row[self.image_column], row=index) for row, index in zip(rows, indices, strict=False)]
+        self._check_unique(indices)
+        images = [decode_image(row[self.image_column], row=index) for row, index in zip(rows, indices, strict=True)]
         first_views = [self.augmentation.train_transform(image) for image in images]
         second_views = [self.augmentation.train_transform(image) for image in images]
         return {
@@ -73,5 +65,52 @@ class ContrastiveCollator:
         }
 
     def eval_pixel_values(self, images: list[Any]) -> torch.Tensor:
-        """Deterministic pixel values for evaluation: ``FloatTensor[n, 3, H, W]``."""
-        return torch.stack([self.augmentation.eval_transform(decode_image(image)) for image in images])
+        """Deterministic pixel values for evaluation (``augmentation.eval_transform``): ``FloatTensor[n, 3, H, W]``."""
+        return torch.stack([self.augmentation.eval_transform(image) for image in images])
+
+    def _check_batch_size(self, size: int) -> None:
+        if size < 2:
+            images = "1 image leaves its anchor" if size == 1 else "0 images leaves"
+            raise ValueError(
+                f"ContrastiveCollator: a batch of {images} without negatives; contrastive training needs at least 2 "
+                "images per batch: raise per_device_train_batch_size, or keep dataloader_drop_last=True so a short "
+                "last batch is dropped."
+            )
+
+    def _check_columns(self, row: dict[str, Any]) -> None:
+        if self.image_column not in row:
+            guess = next((name for name, value in row.items() if _looks_like_image(value)), None)
+            suggestion = (
+                f"Pass image_column={guess!r} (or --image_column {guess})."
+                if guess is not None
+                else "Pass image_column='<the image column>' (or --image_column <the image column>)."
+            )
+            raise MissingColumnError(
+                f"ContrastiveCollator: no column {self.image_column!r} in the dataset rows; the columns are "
+                f"{sorted(row)}. {suggestion}"
+            )
+        if self.index_column not in row:
+            raise MissingColumnError(
+                f"ContrastiveCollator: no column {self.index_column!r} (each row's position in the training set) in "
+                f"the dataset rows; the columns are {sorted(row)}. The ContrastiveTrainer adds it automatically; "
+                f'elsewhere add it with dataset.map(lambda _, i: {{"{self.index_column}": i}}, with_indices=True).'
+            )
+
+    def _check_unique(self, indices: list[int]) -> None:
+        repeated = sorted(index for index, count in Counter(indices).items() if count > 1)
+        if repeated:
+            raise ValueError(
+                f"ContrastiveCollator: dataset index(es) {repeated} appear more than once in one batch, so an image "
+                "would be its own negative. Sample batches without replacement, and make "
+                f"{self.index_column!r} unique per row (e.g. re-number it after concatenating datasets)."
+            )
+
+
+def _looks_like_image(value: Any) -> bool:
+    if isinstance(value, Image.Image):
+        return True
+    if isinstance(value, dict):
+        return "bytes" in value and "path" in value
+    if isinstance(value, np.ndarray | torch.Tensor):
+        return value.ndim in (2, 3) and min(value.shape) > 0 and max(value.shape) > 4
+    return False

@@ -3,33 +3,50 @@
 from __future__ import annotations
 
 import io
+import os
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa"})
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError)
 
 
 def decode_image(value: Any, row: int | None = None) -> Image.Image:
-    """Return ``value`` as an RGB ``PIL.Image``.
+    """Return ``value`` as an RGB ``PIL.Image.Image``.
 
-    Accepts a PIL image, a numpy array or torch tensor (``H×W``, ``H×W×C`` or ``C×H×W``; uint8, or float in [0, 1]),
-    a dict as ``datasets`` stores undecoded images (``{"bytes": ..., "path": ...}``), raw bytes, or a file path.
-    Grayscale, palette, CMYK and RGBA images are converted to RGB (alpha is dropped). An undecodable value raises a
-    ``ValueError`` naming ``row``.
+    Accepts:
+
+    * a PIL image;
+    * a numpy array ``[H, W]`` or ``[H, W, C]`` (C in 1…4), or a torch tensor ``[H, W]``, ``[H, W, C]`` or
+      ``[C, H, W]``. ``uint8`` is taken as is; floats are scaled by 255 when their maximum is ≤ 1 (else taken as
+      0…255); other integers are taken as 16-bit (÷ 257) when any value exceeds 255; booleans map to 0/255;
+    * a dict as ``datasets`` stores undecoded images, ``{"bytes": b"..." | None, "path": "..." | None}``;
+    * encoded bytes (PNG, JPEG, …) or a file path.
+
+    Images read from bytes or a path are rotated by their EXIF orientation, as ``datasets.Image`` does. 16-bit and
+    float images (modes ``"I"``, ``"I;16"``, ``"F"``) are rescaled by the array rules above; grayscale, bilevel,
+    palette, CMYK and other modes are converted with ``Image.convert("RGB")``; images with transparency (``RGBA``,
+    ``LA``, ``PA``, palette with a transparent colour) are composited on white, so transparent pixels become white.
+
+    Raises:
+        ValueError: naming ``row`` (the dataset index, when given) if ``value`` is ``None`` or cannot be decoded.
     """
-    where = f"row {row}" if row is not None else "an image"
+    where = f"row {row} of the dataset" if row is not None else "the input"
     if value is None:
-        raise ValueError(f"the image in {where} of the dataset is missing (None); remove that row or fill it in")
-    try:
-        image = _to_pil(value)
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError) as error:
         raise ValueError(
-            f"could not decode the image in {where} of the dataset ({type(error).__name__}: {error}); fix or remove "
-            "that row, e.g. with dataset.filter(...)"
+            f"The image in {where} is missing (None). Fill it in or remove that row, e.g. "
+            "dataset.filter(lambda row: row['image'] is not None)."
+        )
+    try:
+        return _to_rgb(_to_pil(value))
+    except _DECODE_ERRORS as error:
+        raise ValueError(
+            f"Could not decode the image in {where} ({type(error).__name__}: {error}). Fix or remove that row, e.g. "
+            "dataset.filter(...)."
         ) from error
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _to_pil(value: Any) -> Image.Image:
@@ -37,28 +54,56 @@ def _to_pil(value: Any) -> Image.Image:
         return value
     if isinstance(value, dict):
         if value.get("bytes") is not None:
-            return Image.open(io.BytesIO(value["bytes"]))
+            return _open(io.BytesIO(value["bytes"]))
         if value.get("path"):
-            return Image.open(value["path"])
-        raise ValueError("the image dict has neither 'bytes' nor 'path'")
-    if isinstance(value, (bytes, bytearray)):
-        return Image.open(io.BytesIO(value))
-    if isinstance(value, str):
-        return Image.open(value)
+            return _open(value["path"])
+        raise ValueError(f"the image dict has neither 'bytes' nor 'path' (keys: {sorted(value)})")
+    if isinstance(value, bytes | bytearray | memoryview):
+        return _open(io.BytesIO(value))
+    if isinstance(value, str | os.PathLike):
+        return _open(value)
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-        if value.ndim == 3 and value.shape[0] in (1, 3, 4) and value.shape[-1] not in (1, 3, 4):
-            value = value.transpose(1, 2, 0)
+        array = value.detach().cpu().numpy()
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = array.transpose(1, 2, 0)  # [C, H, W] → [H, W, C]
+        return _from_array(array)
     if isinstance(value, np.ndarray):
-        array = value
-        if array.ndim == 3 and array.shape[-1] == 1:
-            array = array[..., 0]
-        if array.dtype != np.uint8:
-            array = np.asarray(array, dtype=np.float64)
-            if array.max(initial=0.0) <= 1.0:
-                array = array * 255.0
-            array = np.clip(array, 0, 255).astype(np.uint8)
-        if array.ndim not in (2, 3):
-            raise ValueError(f"an image array must be H×W or H×W×C, got shape {array.shape}")
-        return Image.fromarray(array)
+        return _from_array(value)
     raise TypeError(f"unsupported image value of type {type(value).__name__}")
+
+
+def _open(source: Any) -> Image.Image:
+    image = Image.open(source)
+    image.load()  # decode now, so a corrupt file fails here
+    return ImageOps.exif_transpose(image)
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    """``[H, W]`` or ``[H, W, C]`` array of any numeric dtype → uint8 PIL image (``L``, ``LA``, ``RGB``, ``RGBA``)."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (2, 3, 4)) or array.size == 0:
+        raise ValueError(f"an image array must be [H, W] or [H, W, C] with C in 1…4, got shape {array.shape}")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype != np.uint8:
+        floating = np.issubdtype(array.dtype, np.floating)
+        array = np.nan_to_num(np.asarray(array, dtype=np.float64))
+        if floating and array.max() <= 1.0:
+            array = array * 255.0
+        elif not floating and array.max() > 255:
+            array = array / 257.0
+        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "F") or image.mode.startswith("I;"):
+        image = _from_array(np.asarray(image))
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
