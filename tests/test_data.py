@@ -399,3 +399,19 @@ def test_digits_split_depends_on_seed_and_test_size(digits):
     assert load_digits_dataset(image_size=16, seed=1)["test"]["label"] != digits["test"]["label"]
     smaller = load_digits_dataset(image_size=8, test_size=0.1)
     assert len(smaller["test"]) == 180 and smaller["train"][0]["image"].size == (8, 8)
+
+
+def test_keyed_views_depend_only_on_seed_epoch_index_and_view():
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(0)
+    images = [PILImage.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)) for _ in range(3)]
+    rows = [{"image": image, "dataset_index": 10 + i} for i, image in enumerate(images)]
+    keyed = ContrastiveCollator(augmentation=SimCLRAugmentation(image_size=16), seed=7)
+    batch = keyed(rows)["pixel_values"]
+    torch.rand(5)  # global RNG use in between changes nothing
+    again = keyed(list(reversed(rows)))["pixel_values"]  # another batch composition / order
+    assert torch.equal(batch[0], again[2]) and torch.equal(batch[3], again[5])
+    assert not torch.equal(batch[0], batch[3])  # the two views differ
+    keyed.epoch = 1
+    assert not torch.equal(keyed(rows)["pixel_values"][0], batch[0])  # a new epoch, new views

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..sampling.random import keyed_seed
 from .augmentations import SimCLRAugmentation
 from .images import decode_image
 
@@ -38,11 +39,18 @@ class ContrastiveCollator:
         augmentation: the random view generator (and the deterministic evaluation transform).
         image_column: the column holding the images.
         index_column: the column holding each row's dataset index (the ContrastiveTrainer adds it).
+        seed: if set, view ``v`` of the row with dataset index ``i`` in epoch ``e`` is drawn from a generator seeded by
+            ``(seed, e, i, v)``, so a batch's views do not depend on worker count, batch composition or what ran
+            before (a resumed run sees the views an uninterrupted one would). ``None``: torch's global RNG.
+            The ContrastiveTrainer sets it to ``args.seed`` when unset.
+        epoch: the current epoch (the ContrastiveTrainer updates it at every epoch start).
     """
 
     augmentation: SimCLRAugmentation = field(default_factory=SimCLRAugmentation)
     image_column: str = "image"
     index_column: str = "dataset_index"
+    seed: int | None = None
+    epoch: int = 0
 
     @property
     def required_columns(self) -> list[str]:
@@ -57,12 +65,20 @@ class ContrastiveCollator:
         indices = [int(row[self.index_column]) for row in rows]
         self._check_unique(indices)
         images = [decode_image(row[self.image_column], row=index) for row, index in zip(rows, indices, strict=True)]
-        first_views = [self.augmentation.train_transform(image) for image in images]
-        second_views = [self.augmentation.train_transform(image) for image in images]
+        first_views = [self._view(image, index, 0) for image, index in zip(images, indices, strict=True)]
+        second_views = [self._view(image, index, 1) for image, index in zip(images, indices, strict=True)]
         return {
             "pixel_values": torch.stack(first_views + second_views),
             self.index_column: torch.tensor(indices, dtype=torch.long),
         }
+
+    def _view(self, image: Image.Image, index: int, view: int) -> torch.Tensor:
+        """One augmented view, keyed by ``(seed, epoch, index, view)`` when ``seed`` is set."""
+        if self.seed is None:
+            return self.augmentation.train_transform(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(keyed_seed(self.seed, "augmentation", self.epoch, index, view))
+            return self.augmentation.train_transform(image)
 
     def eval_pixel_values(self, images: list[Any]) -> torch.Tensor:
         """Deterministic pixel values for evaluation (``augmentation.eval_transform``): ``FloatTensor[n, 3, H, W]``."""

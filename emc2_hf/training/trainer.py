@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from huggingface_hub import HfApi
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.collator import ContrastiveCollator
@@ -22,6 +22,17 @@ from ..objectives import ContrastiveObjective, build_objective
 from ..sampling.sample_state import load_per_sample_state, save_per_sample_state
 from .arguments import ContrastiveTrainingArguments
 from .distributed import gather_views
+
+
+class CollatorEpochCallback(TrainerCallback):
+    """Tells the collator the epoch at every epoch start (before the epoch's DataLoader iterator is created)."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.collator, "epoch"):
+            self.collator.epoch = int(state.epoch or 0)
 
 
 class ContrastiveTrainer(Trainer):
@@ -76,7 +87,9 @@ class ContrastiveTrainer(Trainer):
                 sogclr_gamma=args.sogclr_gamma,
                 seed=args.seed,
             )
-        callbacks = list(callbacks or [])
+        if getattr(data_collator, "seed", False) is None:
+            data_collator.seed = args.seed  # views keyed by (seed, epoch, index, view): resumable, worker-independent
+        callbacks = [*(callbacks or []), CollatorEpochCallback(data_collator)]
         if probe_evaluator is not None and not any(isinstance(callback, ProbeCallback) for callback in callbacks):
             callbacks.append(ProbeCallback())
         super().__init__(
