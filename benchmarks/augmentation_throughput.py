@@ -46,7 +46,8 @@ def main() -> None:
     ]
     dataset = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
     dataset = with_dataset_index(dataset, "image", "dataset_index")
-    collator = ContrastiveCollator(augmentation=SimCLRAugmentation(image_size=args.image_size))
+    # Keyed views, as the ContrastiveTrainer uses them.
+    collator = ContrastiveCollator(augmentation=SimCLRAugmentation(image_size=args.image_size), seed=0)
     rows = []
     for workers in args.workers:
         loader = torch.utils.data.DataLoader(

@@ -101,16 +101,18 @@ def metropolis_hastings_sweep(
         # log U < ℓ(z') − ℓ(z)  ⇔  ℓ(z') − log U > ℓ(z): the threshold each proposal must beat.
         thresholds = proposal_log_scores_by_step - log_uniforms
 
+        # Three kernels per step: after the burn-in the new column is written straight into its sample row.
         column = initial_column.clone()
         log_score = initial_log_score.float().clone()
         samples = torch.empty((num_proposals - burn_in, num_anchors), dtype=torch.long, device=log_scores.device)
         accepted = torch.empty((num_proposals, num_anchors), dtype=torch.bool, device=log_scores.device)
         for step in range(num_proposals):
             accept = torch.gt(thresholds[step], log_score, out=accepted[step])
-            column = torch.where(accept, proposals_by_step[step], column)
-            log_score = torch.where(accept, proposal_log_scores_by_step[step], log_score)
             if step >= burn_in:
-                samples[step - burn_in] = column
+                column = torch.where(accept, proposals_by_step[step], column, out=samples[step - burn_in])
+            else:
+                column = torch.where(accept, proposals_by_step[step], column)
+            log_score = torch.where(accept, proposal_log_scores_by_step[step], log_score)
     return SweepResult(
         samples=samples.t(),
         final_column=column,
