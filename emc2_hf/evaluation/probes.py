@@ -17,46 +17,86 @@ ArrayLike = torch.Tensor | np.ndarray | Sequence
 
 def _numpy(values: ArrayLike) -> np.ndarray:
     if isinstance(values, torch.Tensor):
-        return values.detach().cpu().float().numpy()
+        values = values.detach().cpu()
+        return (values.float() if values.is_floating_point() else values).numpy()
     return np.asarray(values)
 
 
+def _features_and_labels(features: ArrayLike, labels: ArrayLike, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``([n, d] features, [n] labels)`` as arrays, with a clear error on a shape mismatch."""
+    features, labels = _numpy(features), _numpy(labels)
+    if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels) or len(labels) == 0:
+        raise ValueError(
+            f"{split} features must be [n, d] and labels [n] with n > 0, got {features.shape} and {labels.shape}"
+        )
+    return features, labels
+
+
 def linear_probe_accuracy(
-    train_features: ArrayLike, train_labels: ArrayLike, test_features: ArrayLike, test_labels: ArrayLike
+    train_features: ArrayLike,
+    train_labels: ArrayLike,
+    test_features: ArrayLike,
+    test_labels: ArrayLike,
+    C: float = 1.0,
 ) -> float:
-    """Accuracy of a multinomial logistic regression on standardised features (``[n, d]`` → labels ``[n]``)."""
-    scaler = StandardScaler().fit(_numpy(train_features))
-    classifier = LogisticRegression(max_iter=2000)
-    classifier.fit(scaler.transform(_numpy(train_features)), _numpy(train_labels))
-    predictions = classifier.predict(scaler.transform(_numpy(test_features)))
-    return float((predictions == _numpy(test_labels)).mean())
+    """Accuracy of a multinomial logistic regression on standardised features.
+
+    Args:
+        train_features, train_labels: ``[n, d]`` and ``[n]``, what the scaler and the classifier are fitted on.
+        test_features, test_labels: ``[t, d]`` and ``[t]``, what the accuracy is measured on.
+        C: inverse L2 regularisation strength (scikit-learn's ``C``).
+
+    Returns:
+        The fraction of test examples classified correctly, in ``[0, 1]``.
+    """
+    train_x, train_y = _features_and_labels(train_features, train_labels, "train")
+    test_x, test_y = _features_and_labels(test_features, test_labels, "test")
+    scaler = StandardScaler().fit(train_x)
+    # lbfgs fits the multinomial (softmax) model; standardised 512-d features of ~1k examples converge in < 100 steps.
+    classifier = LogisticRegression(C=C, max_iter=5000).fit(scaler.transform(train_x), train_y)
+    return float((classifier.predict(scaler.transform(test_x)) == test_y).mean())
 
 
 def knn_accuracy(
     train_features: ArrayLike, train_labels: ArrayLike, test_features: ArrayLike, test_labels: ArrayLike, k: int = 1
 ) -> float:
-    """Accuracy of a ``k``-nearest-neighbour vote under cosine similarity (``k = 1``: 1-NN)."""
-    train = F.normalize(torch.as_tensor(_numpy(train_features), dtype=torch.float32), dim=1)
-    test = F.normalize(torch.as_tensor(_numpy(test_features), dtype=torch.float32), dim=1)
-    train_y = torch.as_tensor(_numpy(train_labels)).long()
-    test_y = torch.as_tensor(_numpy(test_labels)).long()
+    """Accuracy of a ``k``-nearest-neighbour majority vote under cosine similarity (``k = 1``: 1-NN).
+
+    Features (``[n, d]`` train, ``[t, d]`` test) are L2-normalised, so rescaling any row changes nothing. A tied vote
+    goes to the tied class whose member ranks nearest.
+    """
+    train_x, train_y = _features_and_labels(train_features, train_labels, "train")
+    test_x, test_y = _features_and_labels(test_features, test_labels, "test")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    classes, train_codes = np.unique(train_y, return_inverse=True)
+    train = F.normalize(torch.as_tensor(train_x, dtype=torch.float32), dim=1)
+    test = F.normalize(torch.as_tensor(test_x, dtype=torch.float32), dim=1)
+    codes = torch.as_tensor(train_codes.reshape(-1), dtype=torch.long)
     k = min(k, train.shape[0])
-    correct = 0
+    predictions = []
     for start in range(0, test.shape[0], 1024):
-        neighbours = (test[start : start + 1024] @ train.t()).topk(k, dim=1).indices
-        votes = train_y[neighbours]  # [t, k]
-        if k == 1:
-            predictions = votes[:, 0]
-        else:
-            counts = F.one_hot(votes, num_classes=int(train_y.max()) + 1).sum(dim=1)
-            predictions = counts.argmax(dim=1)  # ties go to the smallest label
-        correct += int((predictions == test_y[start : start + 1024]).sum())
-    return correct / test.shape[0]
+        neighbours = (test[start : start + 1024] @ train.t()).topk(k, dim=1).indices  # [b, k], nearest first
+        votes = codes[neighbours]  # [b, k]
+        counts = torch.zeros(votes.shape[0], len(classes), dtype=torch.long).scatter_add_(
+            1, votes, torch.ones_like(votes)
+        )
+        ranks = torch.arange(k).expand_as(votes)
+        first = torch.full_like(counts, k).scatter_reduce_(1, votes, ranks, reduce="amin")  # rank of nearest member
+        predictions.append((counts * (k + 1) + (k - first)).argmax(dim=1))  # more votes first, then nearer
+    predicted = classes[torch.cat(predictions).numpy()]
+    return float((predicted == test_y).mean())
 
 
 def few_shot_indices(labels: ArrayLike, shots_per_class: int, seed: int) -> np.ndarray:
-    """Positions of ``shots_per_class`` examples of every class, drawn without replacement."""
-    labels = _numpy(labels)
+    """Sorted positions (``int64[shots_per_class * num_classes]``) of ``shots_per_class`` examples of every class.
+
+    Drawn without replacement, deterministically given ``seed``. Raises ``ValueError`` naming any class with fewer
+    than ``shots_per_class`` examples.
+    """
+    labels = _numpy(labels).reshape(-1)
+    if shots_per_class < 1:
+        raise ValueError(f"shots_per_class must be >= 1, got {shots_per_class}")
     rng = np.random.default_rng(seed)
     picked = []
     for label in np.unique(labels):
@@ -78,13 +118,22 @@ def few_shot_accuracies(
     num_draws: int = 10,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Linear probe and 1-NN fitted on ``shots_per_class`` labels per class, averaged over ``num_draws`` draws."""
-    train_features, train_labels = _numpy(train_features), _numpy(train_labels)
+    """Linear probe and 1-NN fitted on ``shots_per_class`` labels per class, averaged over ``num_draws`` draws.
+
+    Draw ``i`` uses :func:`few_shot_indices` with seed ``seed + i``; the whole test split is always measured.
+
+    Returns:
+        ``{"fewshot_linear_probe_accuracy": float, "fewshot_knn_accuracy": float}``, fractions in ``[0, 1]``.
+    """
+    train_x, train_y = _features_and_labels(train_features, train_labels, "train")
+    test_x, test_y = _features_and_labels(test_features, test_labels, "test")
+    if num_draws < 1:
+        raise ValueError(f"num_draws must be >= 1, got {num_draws}")
     linear, nearest = [], []
     for draw in range(num_draws):
-        subset = few_shot_indices(train_labels, shots_per_class, seed + draw)
-        linear.append(linear_probe_accuracy(train_features[subset], train_labels[subset], test_features, test_labels))
-        nearest.append(knn_accuracy(train_features[subset], train_labels[subset], test_features, test_labels))
+        subset = few_shot_indices(train_y, shots_per_class, seed + draw)
+        linear.append(linear_probe_accuracy(train_x[subset], train_y[subset], test_x, test_y))
+        nearest.append(knn_accuracy(train_x[subset], train_y[subset], test_x, test_y))
     return {"fewshot_linear_probe_accuracy": float(np.mean(linear)), "fewshot_knn_accuracy": float(np.mean(nearest))}
 
 
@@ -97,13 +146,18 @@ def probe_metrics(
     num_draws: int = 10,
     seed: int = 0,
 ) -> dict[str, float]:
-    """``linear_probe_accuracy``, ``knn_accuracy`` (1-NN) and their few-shot versions, as fractions."""
+    """All four probes of ``[n, d]`` train / ``[t, d]`` test features, as fractions in ``[0, 1]``.
+
+    Returns:
+        ``linear_probe_accuracy`` and ``knn_accuracy`` (1-NN) fitted on every train label, and
+        ``fewshot_linear_probe_accuracy`` and ``fewshot_knn_accuracy`` (see :func:`few_shot_accuracies`).
+    """
+    train_x, train_y = _features_and_labels(train_features, train_labels, "train")
+    test_x, test_y = _features_and_labels(test_features, test_labels, "test")
     return {
-        "linear_probe_accuracy": linear_probe_accuracy(train_features, train_labels, test_features, test_labels),
-        "knn_accuracy": knn_accuracy(train_features, train_labels, test_features, test_labels),
-        **few_shot_accuracies(
-            train_features, train_labels, test_features, test_labels, shots_per_class, num_draws, seed
-        ),
+        "linear_probe_accuracy": linear_probe_accuracy(train_x, train_y, test_x, test_y),
+        "knn_accuracy": knn_accuracy(train_x, train_y, test_x, test_y),
+        **few_shot_accuracies(train_x, train_y, test_x, test_y, shots_per_class, num_draws, seed),
     }
 
 
@@ -113,10 +167,22 @@ def _column_names(dataset: Any) -> list[str]:
     return sorted(dataset[0]) if len(dataset) else []
 
 
+def _check_column(dataset: Any, column: str, where: str) -> None:
+    if column not in _column_names(dataset):
+        raise ValueError(f"{where} has no column {column!r}; its columns are {_column_names(dataset)}")
+
+
 def _column(dataset: Any, start: int, stop: int, column: str) -> list:
+    """Values of ``column`` in rows ``start:stop``: one slice of a ``datasets.Dataset``, else row by row."""
     if hasattr(dataset, "column_names"):
         return dataset[start:stop][column]
     return [dataset[i][column] for i in range(start, stop)]
+
+
+def _labels(dataset: Any, column: str) -> np.ndarray:
+    if hasattr(dataset, "column_names"):
+        return np.asarray(dataset[column])
+    return np.asarray([row[column] for row in dataset])
 
 
 def extract_features(
@@ -127,16 +193,26 @@ def extract_features(
     batch_size: int = 256,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Backbone features ``FloatTensor[n, d]`` (CPU) of every row, computed without gradients in eval mode.
+    """Backbone features of every row of ``dataset``, computed in eval mode without gradients.
 
-    ``pixel_values_fn`` turns a batch of raw image values into ``[b, 3, H, W]`` (e.g. ``collator.eval_pixel_values``);
-    the model is called as ``model(pixel_values=...)`` and must return ``.features``.
+    Args:
+        model: called as ``model(pixel_values=FloatTensor[b, 3, H, W])``; its output's ``.features`` (``[b, d]``) is
+            kept. Its train/eval mode is restored afterwards.
+        pixel_values_fn: turns a batch's raw ``image_column`` values into ``FloatTensor[b, 3, H, W]``
+            (e.g. ``collator.eval_pixel_values``).
+        dataset: a ``datasets.Dataset`` (read in ``dataset[i:j]`` slices) or any sequence of dict rows.
+        image_column: the column holding the images.
+        batch_size: rows encoded per forward pass.
+        device: where the model runs (default: the device of its first parameter, else CPU).
+
+    Returns:
+        ``FloatTensor[n, d]`` on CPU, in row order.
     """
-    if image_column not in _column_names(dataset):
-        raise ValueError(
-            f"no column {image_column!r} in the evaluation data; its columns are {_column_names(dataset)}"
-        )
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    _check_column(dataset, image_column, "the evaluation data")
+    if len(dataset) == 0:
+        raise ValueError("the evaluation data has no rows")
+    if device is None:
+        device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
     was_training = model.training
     model.eval()
     chunks = []
@@ -153,9 +229,12 @@ def extract_features(
 
 @dataclass
 class ProbeEvaluator:
-    """Probe accuracies of a model's backbone features: fit on ``train_dataset``, measure on ``test_dataset``.
+    """Probe accuracies of backbone features: fit the probes on ``train_dataset``, measure them on ``test_dataset``.
 
-    ``__call__(model)`` returns :func:`probe_metrics`' four accuracies.
+    Both splits need ``image_column`` and ``label_column`` (checked at construction). ``__call__(model, device=None)``
+    extracts the features of both splits with :func:`extract_features` and returns :func:`probe_metrics`' four
+    accuracies: ``linear_probe_accuracy``, ``knn_accuracy``, ``fewshot_linear_probe_accuracy`` and
+    ``fewshot_knn_accuracy``. Few-shot probes need ``shots_per_class`` train examples of every class.
     """
 
     train_dataset: Any
@@ -170,31 +249,26 @@ class ProbeEvaluator:
 
     def __post_init__(self) -> None:
         for name, dataset in (("train_dataset", self.train_dataset), ("test_dataset", self.test_dataset)):
-            columns = _column_names(dataset)
             for column in (self.image_column, self.label_column):
-                if column not in columns:
+                try:
+                    _check_column(dataset, column, f"ProbeEvaluator: {name}")
+                except ValueError as error:
                     raise ValueError(
-                        f"ProbeEvaluator: {name} has no column {column!r}; its columns are {columns} "
-                        "(set image_column / label_column, recipes: --image_column / --label_column)"
-                    )
+                        f"{error} (set image_column / label_column, recipes: --image_column / --label_column)"
+                    ) from None
 
     def __call__(self, model: torch.nn.Module, device: torch.device | str | None = None) -> dict[str, float]:
-        features = {
-            name: extract_features(model, self.pixel_values_fn, dataset, self.image_column, self.batch_size, device)
-            for name, dataset in (("train", self.train_dataset), ("test", self.test_dataset))
-        }
+        """``{"linear_probe_accuracy", "knn_accuracy", "fewshot_linear_probe_accuracy", "fewshot_knn_accuracy"}``."""
+        train_features, test_features = (
+            extract_features(model, self.pixel_values_fn, dataset, self.image_column, self.batch_size, device)
+            for dataset in (self.train_dataset, self.test_dataset)
+        )
         return probe_metrics(
-            features["train"],
+            train_features,
             _labels(self.train_dataset, self.label_column),
-            features["test"],
+            test_features,
             _labels(self.test_dataset, self.label_column),
             self.shots_per_class,
             self.num_draws,
             self.seed,
         )
-
-
-def _labels(dataset: Any, column: str) -> np.ndarray:
-    if hasattr(dataset, "column_names"):
-        return np.asarray(dataset[column])
-    return np.asarray([row[column] for row in dataset])
