@@ -240,6 +240,7 @@ def test_global_contrastive_loss_fits_two_thousand_images():
         ({"name": "emc2", "inverse_temperature": 5.0, "num_proposals": 0}, "num_proposals"),
         ({"name": "sogclr", "inverse_temperature": 5.0, "sogclr_gamma": 0.0}, "sogclr_gamma"),
         ({"name": "moco", "inverse_temperature": 5.0}, "unknown objective 'moco'"),
+        ({"name": "sogclr", "inverse_temperature": 5.0, "exact": True}, "emc2 objective only"),
     ],
 )
 def test_bad_hyper_parameters_are_rejected_with_their_name(kwargs, message):

@@ -9,6 +9,8 @@ import pytest
 
 from emc2_hf import ContrastiveEncoder
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = [
     "--dataset_name",
@@ -117,3 +119,64 @@ def test_compare_recipe_runs_every_objective(tmp_path):
     comparison = json.loads((tmp_path / "comparison.json").read_text())
     assert {"untrained", "emc2", "sogclr", "simclr"} <= set(comparison)
     assert "| emc2 |" in result.stdout
+
+
+TINY_MODEL = ["--backbone", "test_resnet", "--projection_dim", "16", "--projection_hidden_dim", "16"]
+FEW_STEPS = [
+    *("--per_device_train_batch_size", "8", "--max_steps", "2", "--burn_in", "3", "--knn_monitor_steps", "1"),
+    *("--save_steps", "2", "--logging_steps", "1", "--shots_per_class", "2", "--few_shot_draws", "2"),
+    *("--use_cpu", "true"),
+    *("--report_to", "none", "--disable_tqdm", "true", "--dataloader_persistent_workers", "false"),
+]
+
+
+def check_recipe_run(output_dir, image_size, optimizer):
+    results = json.loads((output_dir / "eval_results.json").read_text())
+    assert PROBE_KEYS <= set(results) and results["global_step"] == 2
+    config = json.loads((output_dir / "run_config.json").read_text())
+    assert config["augmentation"]["image_size"] == image_size and config["optimizer"] == optimizer
+    state = json.loads((output_dir / "checkpoint-2" / "trainer_state.json").read_text())
+    assert [log["step"] for log in state["log_history"] if "knn_monitor_accuracy" in log] == [1, 2]
+    assert (output_dir / "export" / "model.safetensors").exists()
+
+
+def test_stl10_preset_runs_on_a_local_copy_in_the_hub_schema(tmp_path):
+    from real_schema import make_stl10
+
+    copy = make_stl10(tmp_path / "stl10", num_unlabeled=32, num_train=20, num_test=20)
+    output_dir = tmp_path / "run"
+    command = [sys.executable, "recipes/stl10.py", "--config", "stl10_b32", "--dataset_name", str(copy)]
+    command += [*TINY_MODEL, *FEW_STEPS, "--dataloader_num_workers", "2", "--output_dir", str(output_dir)]
+    result = run(command, tmp_path)
+    check_recipe_run(output_dir, image_size=96, optimizer="Adam")
+    assert "on 32 images of" in result.stderr  # the 'unlabeled' split
+
+
+@pytest.mark.slow
+def test_imagenet100_preset_runs_on_a_copy_in_the_hub_schema(tmp_path):
+    from real_schema import make_imagenet100_hub
+    from timm.data import ImageNetInfo
+
+    from emc2_hf.data.imagenet100 import imagenet100_classes
+
+    names = [ImageNetInfo().label_name_to_description(wordnet_id) for wordnet_id in imagenet100_classes()]
+    copy = make_imagenet100_hub(tmp_path / "imagenet100", names, num_train=2, num_validation=1)
+    output_dir = tmp_path / "run"
+    command = [sys.executable, "recipes/imagenet100.py", "--config", "imagenet100_b256", "--dataset_name", str(copy)]
+    command += [*TINY_MODEL, *FEW_STEPS, "--dataloader_num_workers", "0", "--output_dir", str(output_dir)]
+    result = run(command, tmp_path)
+    check_recipe_run(output_dir, image_size=224, optimizer="Lars")
+    assert "on 200 images of" in result.stderr and "measured on 100 images" in result.stderr
+
+
+def test_imagenet100_recipe_selects_its_classes_from_a_local_imagenet_folder(tmp_path):
+    from real_schema import make_imagenet_folder
+
+    wordnet_ids = ["n02869837", "n01749939", "n02488291", "n01440764", "n01443537"]  # the last two: not ImageNet-100
+    copy = make_imagenet_folder(tmp_path / "imagenet", wordnet_ids, num_train=4, num_val=2)
+    output_dir = tmp_path / "run"
+    command = [sys.executable, "recipes/imagenet100.py", "--dataset_name", str(copy), "--select_imagenet100", "true"]
+    command += [*TINY_MODEL, *FEW_STEPS, "--image_size", "64", "--output_dir", str(output_dir)]
+    result = run(command, tmp_path)
+    assert "Selected the ImageNet-100 classes: 12 training and 6 evaluation images" in result.stderr
+    check_recipe_run(output_dir, image_size=64, optimizer="AdamW")

@@ -22,6 +22,44 @@ _PROBABILITIES = (
 )
 _CACHED = ("train_pipeline", "eval_pipeline")
 
+AUGMENTATION_PRESETS: dict[str, dict[str, Any]] = {
+    # EMC² paper, STL-10 at 96 px (SimCLR's recipe with s = 1; the reference code blurs every view).
+    "stl10": {
+        "image_size": 96,
+        "crop_scale": (0.08, 1.0),
+        "horizontal_flip_probability": 0.5,
+        "brightness": 0.8,
+        "contrast": 0.8,
+        "saturation": 0.8,
+        "hue": 0.2,
+        "color_jitter_probability": 0.8,
+        "grayscale_probability": 0.2,
+        "blur_probability": 1.0,
+        "blur_sigma": (0.1, 2.0),
+    },
+    # EMC² paper, ImageNet-100 at 224 px (MoCo v2's weaker jitter).
+    "imagenet100": {
+        "image_size": 224,
+        "crop_scale": (0.08, 1.0),
+        "horizontal_flip_probability": 0.5,
+        "brightness": 0.4,
+        "contrast": 0.4,
+        "saturation": 0.2,
+        "hue": 0.1,
+        "color_jitter_probability": 0.8,
+        "grayscale_probability": 0.2,
+        "blur_probability": 1.0,
+        "blur_sigma": (0.1, 2.0),
+    },
+    # scikit-learn's 8×8 digits upscaled to 32 px: milder crops, no flips (a flipped 2 is not a 2), no blur.
+    "digits": {
+        "image_size": 32,
+        "crop_scale": (0.5, 1.0),
+        "horizontal_flip_probability": 0.0,
+        "blur_probability": 0.0,
+    },
+}
+
 
 def _invalid(name: str, value: Any, valid: str) -> ValueError:
     return ValueError(f"SimCLRAugmentation: {name}={value!r} is invalid; it must be {valid}.")
@@ -70,6 +108,19 @@ class SimCLRAugmentation:
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
         self.validate()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> SimCLRAugmentation:
+        """The augmentations of a named experiment (:data:`AUGMENTATION_PRESETS`: ``"stl10"``, ``"imagenet100"``,
+        ``"digits"``), with any field overridden by keyword."""
+        if name not in AUGMENTATION_PRESETS:
+            raise ValueError(f"unknown augmentation preset {name!r}; choose one of {sorted(AUGMENTATION_PRESETS)}")
+        unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"SimCLRAugmentation has no field(s) {unknown}; fields: {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**{**AUGMENTATION_PRESETS[name], **overrides})
 
     def validate(self) -> None:
         """Raise a ``ValueError`` naming the first field outside its valid range."""

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..sampling.random import keyed_seed
+from ..sampling.random import keyed_generator, keyed_seed
 from .augmentations import SimCLRAugmentation
 from .images import decode_image
 
@@ -44,6 +44,10 @@ class ContrastiveCollator:
             before (a resumed run sees the views an uninterrupted one would). ``None``: torch's global RNG.
             The ContrastiveTrainer sets it to ``args.seed`` when unset.
         epoch: the current epoch (the ContrastiveTrainer updates it at every epoch start).
+        num_augmentations: if set, every image has only this many fixed augmentations ``g_0 … g_{n−1}`` (keyed by
+            ``(seed, i, k)``, the same in every epoch), and each pair of views is two distinct ones of them (always
+            ``(g_0, g_1)`` for ``n = 2``): the EMC² paper's "pre-computed augmentations" (|A| = n, Fig. 3 and 7),
+            without storing augmented images. ``None``: a fresh pair every epoch ("infinite augmentation").
     """
 
     augmentation: SimCLRAugmentation = field(default_factory=SimCLRAugmentation)
@@ -51,6 +55,14 @@ class ContrastiveCollator:
     index_column: str = "dataset_index"
     seed: int | None = None
     epoch: int = 0
+    num_augmentations: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_augmentations is not None and self.num_augmentations < 2:
+            raise ValueError(
+                f"ContrastiveCollator: num_augmentations={self.num_augmentations} cannot give two different views; "
+                "use >= 2, or None for fresh augmentations every epoch"
+            )
 
     @property
     def required_columns(self) -> list[str]:
@@ -73,17 +85,32 @@ class ContrastiveCollator:
         }
 
     def _view(self, image: Image.Image, index: int, view: int) -> torch.Tensor:
-        """One augmented view, keyed by ``(seed, epoch, index, view)`` when ``seed`` is set."""
-        if self.seed is None:
+        """One augmented view, keyed by ``(seed, epoch, index, view)`` when ``seed`` is set (or, with
+        ``num_augmentations``, by the fixed augmentation ``(seed, index, k)`` it uses)."""
+        if self.seed is None and self.num_augmentations is None:
             return self.augmentation.train_transform(image)
+        seed = self.seed if self.seed is not None else 0
+        if self.num_augmentations is None:
+            key = keyed_seed(seed, "augmentation", self.epoch, index, view)
+        else:
+            key = keyed_seed(seed, "fixed-augmentation", index, self._fixed_augmentation(seed, index, view))
         # The CPU generator only (torch.manual_seed would also seed CUDA: ~40× slower): 4 µs per view.
         generator = torch.default_generator
         saved = generator.get_state()
-        generator.manual_seed(keyed_seed(self.seed, "augmentation", self.epoch, index, view))
+        generator.manual_seed(key)
         try:
             return self.augmentation.train_transform(image)
         finally:
             generator.set_state(saved)
+
+    def _fixed_augmentation(self, seed: int, index: int, view: int) -> int:
+        """Which of the image's ``num_augmentations`` fixed augmentations view ``view`` uses this epoch."""
+        if self.num_augmentations == 2:
+            return view
+        pair = torch.randperm(
+            self.num_augmentations, generator=keyed_generator(seed, "augmentation-pair", self.epoch, index)
+        )
+        return int(pair[view])
 
     def eval_pixel_values(self, images: list[Any]) -> torch.Tensor:
         """Deterministic pixel values for evaluation (``augmentation.eval_transform``): ``FloatTensor[n, 3, H, W]``."""

@@ -1,6 +1,6 @@
 """Evaluation of frozen features: linear probe, 1-NN and their few-shot versions."""
 
-from .callbacks import ProbeCallback
+from .callbacks import KNNMonitorCallback, ProbeCallback
 from .probes import (
     ProbeEvaluator,
     extract_features,
@@ -12,6 +12,7 @@ from .probes import (
 )
 
 __all__ = [
+    "KNNMonitorCallback",
     "ProbeCallback",
     "ProbeEvaluator",
     "extract_features",

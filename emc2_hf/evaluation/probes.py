@@ -259,10 +259,7 @@ class ProbeEvaluator:
 
     def __call__(self, model: torch.nn.Module, device: torch.device | str | None = None) -> dict[str, float]:
         """``{"linear_probe_accuracy", "knn_accuracy", "fewshot_linear_probe_accuracy", "fewshot_knn_accuracy"}``."""
-        train_features, test_features = (
-            extract_features(model, self.pixel_values_fn, dataset, self.image_column, self.batch_size, device)
-            for dataset in (self.train_dataset, self.test_dataset)
-        )
+        train_features, test_features = self._features(model, device)
         return probe_metrics(
             train_features,
             _labels(self.train_dataset, self.label_column),
@@ -271,4 +268,20 @@ class ProbeEvaluator:
             self.shots_per_class,
             self.num_draws,
             self.seed,
+        )
+
+    def knn(self, model: torch.nn.Module, device: torch.device | str | None = None) -> float:
+        """1-NN accuracy only (no linear probe): the cheap metric for monitoring during training."""
+        train_features, test_features = self._features(model, device)
+        return knn_accuracy(
+            train_features,
+            _labels(self.train_dataset, self.label_column),
+            test_features,
+            _labels(self.test_dataset, self.label_column),
+        )
+
+    def _features(self, model: torch.nn.Module, device: torch.device | str | None) -> tuple[torch.Tensor, ...]:
+        return tuple(
+            extract_features(model, self.pixel_values_fn, dataset, self.image_column, self.batch_size, device)
+            for dataset in (self.train_dataset, self.test_dataset)
         )

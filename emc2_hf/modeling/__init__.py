@@ -1,6 +1,14 @@
 """Encoders: a timm backbone with a projection head as a transformers model."""
 
 from .configuration import ContrastiveEncoderConfig
+from .dual_encoder import build_dual_encoder, timm_image_tower
 from .encoder import ContrastiveEncoder, ContrastiveEncoderOutput, projection_head
 
-__all__ = ["ContrastiveEncoder", "ContrastiveEncoderConfig", "ContrastiveEncoderOutput", "projection_head"]
+__all__ = [
+    "ContrastiveEncoder",
+    "ContrastiveEncoderConfig",
+    "ContrastiveEncoderOutput",
+    "build_dual_encoder",
+    "projection_head",
+    "timm_image_tower",
+]

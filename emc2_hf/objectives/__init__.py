@@ -25,10 +25,18 @@ def build_objective(
     burn_in: int | None = None,
     sogclr_gamma: float = 0.9,
     seed: int = 0,
+    exact: bool = False,
 ) -> ContrastiveObjective:
-    """Construct the objective called ``name`` ("emc2", "simclr" or "sogclr") for a training set of ``num_samples``."""
+    """Construct the objective called ``name`` ("emc2", "simclr" or "sogclr") for a training set of ``num_samples``.
+
+    ``exact`` selects EMC²'s exact mode (re-encoded chain states); it is refused for the other objectives.
+    """
+    if exact and name != "emc2":
+        raise ValueError(f"exact mode (re-encoded chain states) exists for the emc2 objective only, not {name!r}")
     if name == "emc2":
-        return EMC2Objective(num_samples, inverse_temperature, num_proposals=num_proposals, burn_in=burn_in, seed=seed)
+        return EMC2Objective(
+            num_samples, inverse_temperature, num_proposals=num_proposals, burn_in=burn_in, seed=seed, exact=exact
+        )
     if name == "sogclr":
         return SogCLRObjective(num_samples, inverse_temperature, gamma=sogclr_gamma, seed=seed)
     if name == "simclr":

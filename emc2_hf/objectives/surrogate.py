@@ -79,6 +79,8 @@ class ContrastiveObjective(nn.Module):
 
     name: str = "contrastive"
     citation: str = ""
+    accepts_extra_candidates: bool = False
+    """Whether :meth:`forward` takes ``extra_embeddings`` (only EMC²'s exact mode uses them)."""
 
     def __init__(self, inverse_temperature: float, seed: int = 0) -> None:
         super().__init__()
@@ -90,11 +92,17 @@ class ContrastiveObjective(nn.Module):
     def negative_weights(
         self, pairs: ViewPairs, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return detached weights ``FloatTensor[2b, 2b]`` over each anchor's candidates and metrics to log."""
+        """Return detached weights ``FloatTensor[2b, 2b + k]`` over each anchor's candidates and metrics to log."""
         raise NotImplementedError
 
     def forward(
-        self, embeddings: torch.Tensor, dataset_indices: torch.Tensor, step: int = 0, micro_step: int = 0
+        self,
+        embeddings: torch.Tensor,
+        dataset_indices: torch.Tensor,
+        step: int = 0,
+        micro_step: int = 0,
+        extra_embeddings: torch.Tensor | None = None,
+        extra_dataset_indices: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
         """Evaluate the objective on ``embeddings: [2b, d]`` (view 1 of each image, then view 2).
 
@@ -103,13 +111,21 @@ class ContrastiveObjective(nn.Module):
             dataset_indices: ``LongTensor[b]``, dataset index of each image.
             step: global optimisation step (keys the random numbers).
             micro_step: index of the micro-batch within a step under gradient accumulation.
+            extra_embeddings: optional ``[k, d]``, more candidates (other training images) appended after the views;
+                only objectives with ``accepts_extra_candidates`` take them (EMC²'s exact mode).
+            extra_dataset_indices: ``LongTensor[k]``, the dataset indices of ``extra_embeddings``.
         """
-        pairs = pair_views(embeddings, dataset_indices)
+        if extra_embeddings is not None and not self.accepts_extra_candidates:
+            raise ValueError(
+                f"the {self.name} objective takes no extra_embeddings (only EMC2Objective(exact=True) does)"
+            )
+        pairs = pair_views(embeddings, dataset_indices, extra_embeddings, extra_dataset_indices)
         generator = keyed_generator(self.seed, self.name, step, micro_step, device=embeddings.device)
         weights, metrics = self.negative_weights(pairs, generator)
         surrogate = surrogate_loss(pairs.similarities, pairs.positive_columns, weights, self.inverse_temperature)
         with torch.no_grad():
-            reported = info_nce_loss(pairs.similarities, pairs.positive_columns, self.inverse_temperature)
+            in_batch = pairs.similarities[:, : pairs.num_views]
+            reported = info_nce_loss(in_batch, pairs.positive_columns, self.inverse_temperature)
         return ObjectiveOutput(loss=surrogate + (reported - surrogate).detach(), metrics=metrics)
 
     def get_config_dict(self) -> dict[str, float | int | str]:

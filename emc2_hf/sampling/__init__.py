@@ -1,6 +1,12 @@
 """Negative sampling: the Metropolis–Hastings sweep, per-sample state and keyed random numbers."""
 
-from .metropolis_hastings import OUTSIDE_BATCH, SweepResult, metropolis_hastings_sweep, uniform_proposals
+from .metropolis_hastings import (
+    OUTSIDE_BATCH,
+    SweepResult,
+    metropolis_hastings_sweep,
+    proposals_with_start,
+    uniform_proposals,
+)
 from .random import keyed_generator, keyed_seed
 from .sample_state import (
     EMPTY_STATE,
@@ -22,6 +28,7 @@ __all__ = [
     "keyed_seed",
     "load_per_sample_state",
     "metropolis_hastings_sweep",
+    "proposals_with_start",
     "save_per_sample_state",
     "uniform_proposals",
 ]

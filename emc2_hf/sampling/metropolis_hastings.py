@@ -37,6 +37,22 @@ class SweepResult:
     num_accepted: torch.Tensor
 
 
+def _candidate_columns(candidate_mask: torch.Tensor) -> torch.Tensor:
+    """``LongTensor[A, K]``: the columns of each anchor's ``K`` candidates, from ``candidate_mask: BoolTensor[A, C]``.
+
+    Raises a ``ValueError`` unless every anchor has the same number ``K ≥ 1`` of candidates.
+    """
+    num_anchors = candidate_mask.shape[0]
+    counts = candidate_mask.sum(dim=1)
+    num_candidates = int(counts[0]) if num_anchors else 0
+    if num_candidates == 0 or bool((counts != num_candidates).any()):
+        raise ValueError(
+            "every anchor needs the same, non-zero number of candidate negatives; got counts "
+            f"{counts.tolist()[:8]}{'…' if num_anchors > 8 else ''}. A batch needs at least 2 distinct images."
+        )
+    return candidate_mask.nonzero()[:, 1].view(num_anchors, num_candidates)
+
+
 def uniform_proposals(
     candidate_mask: torch.Tensor, num_proposals: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -51,19 +67,50 @@ def uniform_proposals(
     Returns:
         ``LongTensor[A, R]`` of candidate columns.
     """
-    num_anchors = candidate_mask.shape[0]
-    counts = candidate_mask.sum(dim=1)
-    num_candidates = int(counts[0]) if num_anchors else 0
-    if num_candidates == 0 or bool((counts != num_candidates).any()):
-        raise ValueError(
-            "every anchor needs the same, non-zero number of candidate negatives; got counts "
-            f"{counts.tolist()[:8]}{'…' if num_anchors > 8 else ''}. A batch needs at least 2 distinct images."
-        )
-    candidate_columns = candidate_mask.nonzero()[:, 1].view(num_anchors, num_candidates)
+    candidate_columns = _candidate_columns(candidate_mask)
+    num_anchors, num_candidates = candidate_columns.shape
     picks = torch.randint(
         num_candidates, (num_anchors, num_proposals), generator=generator, device=candidate_mask.device
     )
     return candidate_columns.gather(1, picks)
+
+
+def proposals_with_start(
+    candidate_mask: torch.Tensor,
+    num_proposals: int,
+    start_column: torch.Tensor,
+    start_slots: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Like :func:`uniform_proposals`, plus ``start_slots[a]`` slots that propose anchor ``a``'s start column.
+
+    This is the proposal of EMC²'s exact mode (see :class:`~emc2_hf.objectives.EMC2Objective`).
+
+    Anchor ``a`` proposes each of its ``K`` candidates with probability ``1 / (K + n_a)`` and ``start_column[a]``
+    with probability ``n_a / (K + n_a)``, ``n_a = start_slots[a]``. With ``n_a = 2`` for a start that is outside the
+    batch and re-encoded as one column, every *image* of the set batch ∪ {start} is proposed with the same probability
+    (an in-batch image has two view columns), so the proposal is symmetric on that set.
+
+    Args:
+        candidate_mask: ``BoolTensor[A, C]``, the same number ``K ≥ 1`` of candidates for every anchor.
+        num_proposals: ``R``.
+        start_column: ``LongTensor[A]``, the column proposed by the extra slots (ignored where ``n_a = 0``).
+        start_slots: ``LongTensor[A]``, ``n_a ≥ 0``.
+        generator: source of randomness (on the mask's device).
+
+    Returns:
+        ``LongTensor[A, R]`` of candidate columns.
+    """
+    candidate_columns = _candidate_columns(candidate_mask)
+    num_anchors, num_candidates = candidate_columns.shape
+    num_slots = (num_candidates + start_slots.to(candidate_mask.device)).long()[:, None]  # [A, 1]
+    uniforms = torch.rand(
+        (num_anchors, num_proposals), generator=generator, device=candidate_mask.device, dtype=torch.float64
+    )
+    slots = torch.minimum((uniforms * num_slots).long(), num_slots - 1)
+    on_candidate = slots < num_candidates
+    picked = candidate_columns.gather(1, slots.clamp(max=num_candidates - 1))
+    return torch.where(on_candidate, picked, start_column.to(candidate_mask.device)[:, None])
 
 
 def metropolis_hastings_sweep(
@@ -78,7 +125,8 @@ def metropolis_hastings_sweep(
 
     Args:
         log_scores: ``FloatTensor[A, C]``, ``ℓ_ac = β·s(anchor a, candidate c)``; read in float32.
-        proposals: ``LongTensor[A, R]``, the proposed column at each step (see :func:`uniform_proposals`).
+        proposals: ``LongTensor[A, R]``, the proposed column at each step (see :func:`uniform_proposals` and
+            :func:`proposals_with_start`).
         initial_column: ``LongTensor[A]``, the chain's current column, or ``OUTSIDE_BATCH``.
         initial_log_score: ``FloatTensor[A]``, the log-score of the current state; ``-inf`` for an empty chain, whose
             first proposal is then always accepted.

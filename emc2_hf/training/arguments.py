@@ -30,11 +30,33 @@ class ContrastiveTrainingArguments(TrainingArguments):
         R, Metropolis–Hastings proposals per anchor per step; default 2b − 2 (all in-batch negatives' count).
     burn_in (`int`, *optional*):
         P, leading proposals whose states are not used as samples; default R // 2.
+    emc2_exact (`bool`, defaults to `False`):
+        Exact mode: every step also encodes (current model, train mode, with autograd) the chain states that are
+        not in the batch, with the collator's evaluation transform, so each chain starts from a current score and
+        its samples there get their real gradient. Costs one extra image per such state (up to b more per step).
 
     > SogCLR
 
     sogclr_gamma (`float`, defaults to `0.9`):
         γ, weight of the new estimate in `u ← (1 − γ) u + γ · mean exp(β s)`.
+
+    > Optimiser
+
+    timm_optimizer (`str`, *optional*):
+        Build the optimiser with timm's `create_optimizer_v2` instead of `optim`: `"lars"` (ImageNet-100 in the EMC²
+        paper), `"adam"` (Adam with L2 weight decay, as the paper's STL-10 runs), `"sgd"`, `"lamb"`, ... Biases and
+        normalisation weights get no weight decay and, with LARS, no trust-ratio adaptation.
+    optimizer_momentum (`float`, defaults to `0.9`):
+        Momentum of a timm SGD-family optimiser (LARS, SGD).
+    lars_trust_coefficient (`float`, defaults to `1e-3`):
+        η of LARS (timm's): a weight's step is scaled by `η ‖w‖ / (‖∇w‖ + λ ‖w‖)`.
+
+    > Monitoring
+
+    knn_monitor_steps (`int`, *optional*):
+        Every this many steps, log the 1-NN accuracy of the backbone features on the probe splits (needs a probe
+        evaluator) as `knn_monitor_accuracy`, through the Trainer's loggers (`report_to`). Cheaper than the full
+        probes of `eval_steps`.
 
     > Export
 
@@ -65,6 +87,13 @@ class ContrastiveTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "EMC²: burn-in P, proposals whose states are not used as samples (default: R//2)."},
     )
+    emc2_exact: bool = field(
+        default=False,
+        metadata={
+            "help": "EMC²: re-encode the chain states outside the batch with the current model every step, so their "
+            "scores are current and their samples get real gradients (up to b extra images per step)."
+        },
+    )
     sogclr_gamma: float = field(
         default=0.9,
         metadata={"help": "SogCLR: moving-average weight γ of the new estimate of u, in (0, 1]."},
@@ -73,6 +102,19 @@ class ContrastiveTrainingArguments(TrainingArguments):
     export_projection_head: bool = field(
         default=False,
         metadata={"help": "Include the projection head in export() / push_to_hub() (default: the backbone only)."},
+    )
+
+    timm_optimizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Use timm's optimiser of this name ('lars', 'adam', 'sgd', 'lamb', ...) instead of --optim."
+        },
+    )
+    optimizer_momentum: float = field(default=0.9, metadata={"help": "Momentum of timm's LARS / SGD."})
+    lars_trust_coefficient: float = field(default=1e-3, metadata={"help": "LARS trust coefficient η."})
+    knn_monitor_steps: int | None = field(
+        default=None,
+        metadata={"help": "Log the 1-NN accuracy on the probe splits every N steps (knn_monitor_accuracy)."},
     )
 
     learning_rate: float = field(default=1e-3, metadata={"help": "The initial learning rate (Adam/AdamW)."})
@@ -102,6 +144,16 @@ class ContrastiveTrainingArguments(TrainingArguments):
                 "samples "
                 "remain after the burn-in"
             )
+        if self.emc2_exact and self.objective != "emc2":
+            raise ValueError(f"--emc2_exact applies to --objective emc2 only, got --objective {self.objective}")
+        if self.timm_optimizer is not None:
+            _check_timm_optimizer(self.timm_optimizer)
+        if not 0 <= self.optimizer_momentum < 1:
+            raise ValueError(f"--optimizer_momentum must be in [0, 1), got {self.optimizer_momentum}")
+        if not self.lars_trust_coefficient > 0:
+            raise ValueError(f"--lars_trust_coefficient must be > 0, got {self.lars_trust_coefficient}")
+        if self.knn_monitor_steps is not None and self.knn_monitor_steps < 1:
+            raise ValueError(f"--knn_monitor_steps must be >= 1 (or unset), got {self.knn_monitor_steps}")
         if not 0 < self.sogclr_gamma <= 1:
             raise ValueError(f"--sogclr_gamma must be in (0, 1], got {self.sogclr_gamma}")
         if self.per_device_train_batch_size < 2:
@@ -109,3 +161,11 @@ class ContrastiveTrainingArguments(TrainingArguments):
                 f"--per_device_train_batch_size {self.per_device_train_batch_size} leaves anchors without negatives: "
                 "contrastive training needs at least 2 images per batch"
             )
+
+
+def _check_timm_optimizer(name: str) -> None:
+    from timm.optim import list_optimizers
+
+    available = list_optimizers()
+    if name.lower() not in available:
+        raise ValueError(f"--timm_optimizer {name!r} is not a timm optimiser; choose one of {sorted(available)}")

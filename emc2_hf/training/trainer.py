@@ -14,7 +14,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.collator import ContrastiveCollator
 from ..data.indexed import with_dataset_index
-from ..evaluation.callbacks import ProbeCallback
+from ..evaluation.callbacks import KNNMonitorCallback, ProbeCallback
 from ..evaluation.probes import ProbeEvaluator
 from ..hub.export import export_encoder
 from ..hub.model_card import OBJECTIVE_TITLES, ModelCardData, objective_settings, probe_rows, render_model_card
@@ -22,6 +22,7 @@ from ..objectives import ContrastiveObjective, build_objective
 from ..sampling.sample_state import load_per_sample_state, save_per_sample_state
 from .arguments import ContrastiveTrainingArguments
 from .distributed import gather_views
+from .optimizers import create_timm_optimizer
 
 
 class CollatorEpochCallback(TrainerCallback):
@@ -54,6 +55,8 @@ class ContrastiveTrainer(Trainer):
         probe_evaluator: a :class:`~emc2_hf.ProbeEvaluator`; if given, :meth:`evaluate` reports linear-probe, 1-NN and
             few-shot accuracies, and they also run at the end of training (and every ``eval_steps`` with
             ``eval_strategy="steps"``).
+        monitor_evaluator: what ``args.knn_monitor_steps`` measures 1-NN accuracy on (default: ``probe_evaluator``;
+            a smaller one keeps monitoring cheap).
         objective: a ready objective, overriding the one ``args`` describe.
         model_card_data: where the data came from, for the model card of :meth:`export` / :meth:`push_to_hub`.
         **kwargs: passed to :class:`transformers.Trainer`.
@@ -66,6 +69,7 @@ class ContrastiveTrainer(Trainer):
         train_dataset: Any,
         data_collator: ContrastiveCollator | None = None,
         probe_evaluator: ProbeEvaluator | None = None,
+        monitor_evaluator: ProbeEvaluator | None = None,
         objective: ContrastiveObjective | None = None,
         model_card_data: ModelCardData | None = None,
         callbacks: list | None = None,
@@ -86,12 +90,20 @@ class ContrastiveTrainer(Trainer):
                 burn_in=args.burn_in,
                 sogclr_gamma=args.sogclr_gamma,
                 seed=args.seed,
+                exact=args.emc2_exact,
             )
         if getattr(data_collator, "seed", False) is None:
             data_collator.seed = args.seed  # views keyed by (seed, epoch, index, view): resumable, worker-independent
         callbacks = [*(callbacks or []), CollatorEpochCallback(data_collator)]
         if probe_evaluator is not None and not any(isinstance(callback, ProbeCallback) for callback in callbacks):
             callbacks.append(ProbeCallback())
+        if args.knn_monitor_steps is not None:
+            monitor_evaluator = monitor_evaluator if monitor_evaluator is not None else probe_evaluator
+            if monitor_evaluator is None:
+                raise ValueError(
+                    "--knn_monitor_steps needs labelled data to measure on: pass probe_evaluator=ProbeEvaluator(...)"
+                )
+            callbacks.append(KNNMonitorCallback(monitor_evaluator, args.knn_monitor_steps))
         super().__init__(
             model=model,
             args=args,
@@ -127,9 +139,23 @@ class ContrastiveTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """Encode both views (``pixel_values: [2b, 3, H, W]``) and evaluate the objective on their embeddings."""
-        outputs = model(pixel_values=inputs["pixel_values"])
-        embeddings = outputs.embeddings
+        """Encode both views (``pixel_values: [2b, 3, H, W]``) and evaluate the objective on their embeddings.
+
+        In EMC²'s exact mode (``args.emc2_exact``) the chain states outside the global batch are encoded too, in the
+        same forward pass, and passed to the objective as extra candidates (:meth:`_encode_with_chain_states`).
+        """
+        if self.args.emc2_exact and not getattr(self.objective, "exact", False):
+            from ..objectives import EMC2Objective
+
+            if not isinstance(self.objective, EMC2Objective):
+                raise ValueError(f"--emc2_exact needs the emc2 objective, not {type(self.objective).__name__}")
+            self.objective.exact = True  # an objective built without it: the arguments decide
+        extra_candidates: dict[str, torch.Tensor] = {}
+        if getattr(self.objective, "exact", False):
+            outputs, embeddings, extra_candidates = self._encode_with_chain_states(model, inputs)
+        else:
+            outputs = model(pixel_values=inputs["pixel_values"])
+            embeddings = outputs.embeddings
         state = next(self.objective.buffers(), None)
         if state is not None and state.device != embeddings.device:
             self.objective.to(embeddings.device)
@@ -140,17 +166,85 @@ class ContrastiveTrainer(Trainer):
             dataset_indices,
             step=self.state.global_step,
             micro_step=self._next_micro_step(),
+            **extra_candidates,
         )
         for name, value in objective_output.metrics.items():
             self._objective_metrics[name].append(value.detach())
         return (objective_output.loss, outputs) if return_outputs else objective_output.loss
+
+    def _encode_with_chain_states(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor]
+    ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
+        """EMC² exact mode: encode the views and the chain states outside the global batch, with autograd.
+
+        Every process lists the same ``k`` states (``objective.states_to_encode`` of the gathered dataset indices),
+        encodes its contiguous share of them — their training rows through the collator's ``eval_pixel_values`` —
+        in the views' forward pass (so BatchNorm sees ``2b`` views + the share, never a lone image), and all-gathers
+        the shares with autograd like :func:`gather_views`: each state has one owner, so its gradient is counted once.
+
+        Returns:
+            The model outputs (views' rows), the views' embeddings ``[2b, d]`` and the objective's extra arguments
+            ``{"extra_embeddings": [k, d], "extra_dataset_indices": [k]}``, identical on every process.
+        """
+        import torch.distributed as dist
+        import torch.distributed.nn.functional as distributed_functional
+
+        from .distributed import world_size
+
+        pixel_values = inputs["pixel_values"]
+        local_indices = inputs[self.data_collator.index_column]
+        num_views, size = pixel_values.shape[0], world_size()
+        global_indices = local_indices
+        if size > 1:
+            parts = [torch.empty_like(local_indices) for _ in range(size)]
+            dist.all_gather(parts, local_indices)
+            global_indices = torch.cat(parts)
+        state_indices = self.objective.states_to_encode(global_indices)
+        share = -(-state_indices.numel() // size)
+        rank = dist.get_rank() if size > 1 else 0
+        own = state_indices[rank * share : (rank + 1) * share].tolist()
+        if own:
+            images = [self.train_dataset[index][self.data_collator.image_column] for index in own]
+            state_pixel_values = self.data_collator.eval_pixel_values(images).to(pixel_values)
+            pixel_values = torch.cat([pixel_values, state_pixel_values])
+        outputs = model(pixel_values=pixel_values)
+        own_embeddings = outputs.embeddings[num_views:]
+        embeddings = outputs.embeddings[:num_views]
+        extra_embeddings = own_embeddings
+        if size > 1 and share:
+            padding = own_embeddings.new_zeros(share - own_embeddings.shape[0], own_embeddings.shape[1])
+            gathered = distributed_functional.all_gather(torch.cat([own_embeddings, padding]))
+            extra_embeddings = torch.cat(gathered)[: state_indices.numel()]
+        if own and isinstance(outputs, dict):
+            for key, value in list(outputs.items()):
+                if isinstance(value, torch.Tensor) and value.shape[0] == pixel_values.shape[0]:
+                    outputs[key] = value[:num_views]
+        return outputs, embeddings, {"extra_embeddings": extra_embeddings, "extra_dataset_indices": state_indices}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._objective_metrics:
             for name, values in self._objective_metrics.items():
                 logs[name] = round(torch.stack(values).float().mean().item(), 4)
             self._objective_metrics.clear()
+        if "loss" in logs:
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, KNNMonitorCallback):
+                    logs.update(callback.pop_pending())
         super().log(logs, start_time)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """``args.timm_optimizer`` (e.g. LARS) when set, else the Trainer's ``args.optim``."""
+        if self.optimizer is None and self.args.timm_optimizer is not None:
+            self.optimizer = create_timm_optimizer(
+                self.model if model is None else model,
+                self.args.timm_optimizer,
+                learning_rate=self.args.learning_rate,
+                weight_decay=self.args.weight_decay,
+                momentum=self.args.optimizer_momentum,
+                trust_coefficient=self.args.lars_trust_coefficient,
+            )
+            return self.optimizer
+        return super().create_optimizer(model)
 
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
@@ -225,7 +319,11 @@ class ContrastiveTrainer(Trainer):
             * self.args.world_size,
             steps=self.state.global_step,
             epochs=float(self.state.epoch or 0.0),
-            optimizer=getattr(self.args.optim, "value", self.args.optim),
+            optimizer=(
+                f"timm {self.args.timm_optimizer}"
+                if self.args.timm_optimizer
+                else getattr(self.args.optim, "value", self.args.optim)
+            ),
             learning_rate=self.args.learning_rate,
             weight_decay=self.args.weight_decay,
             scheduler=getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type),
