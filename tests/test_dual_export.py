@@ -151,3 +151,37 @@ def test_bad_dual_exports_are_refused(tmp_path, timm_bert_dual_encoder):
         )
         del tower.config.hidden_size
         build_dual_encoder(tower, tiny_text_tower())
+
+
+def test_push_uploads_the_dual_export_and_nothing_else(tmp_path, timm_bert_dual_encoder, monkeypatch):
+    import json
+    import os
+
+    from huggingface_hub import HfApi
+
+    from emc2_hf.hub import push_dual_encoder
+
+    uploads = []
+
+    def create_repo(self, repo_id, **kwargs):
+        uploads.append(("create_repo", repo_id))
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        files = sorted(os.listdir(folder_path))
+        config = json.loads(open(os.path.join(folder_path, "config.json")).read())
+        uploads.append(
+            ("upload_folder", repo_id, files, config["model_type"], open(folder_path + "/README.md").read())
+        )
+        return "committed"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    _, model = timm_bert_dual_encoder
+    assert (
+        push_dual_encoder(model, "someone/tiny-dual", card=card_data(), tokenizer=tokenizer(tmp_path)) == "committed"
+    )
+    (created, (_, repo_id, files, model_type, card)) = uploads
+    assert created == ("create_repo", "someone/tiny-dual") and repo_id == "someone/tiny-dual"
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(files)
+    assert not any("checkpoint" in name or name.endswith((".bin", ".pt")) for name in files)
+    assert model_type == "vision-text-dual-encoder" and "someone/tiny-dual" in card

@@ -146,3 +146,25 @@ def dual_encoder_features(
     finally:
         model.train(was_training)
     return image, text
+
+
+def push_dual_encoder(
+    model: PreTrainedModel,
+    repo_id: str,
+    card: DualEncoderCardData | None = None,
+    tokenizer: Any = None,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload dual encoder",
+) -> Any:
+    """Create ``repo_id`` if needed and upload :func:`export_dual_encoder`'s folder (weights, config, tokenizer,
+    card) — never a training checkpoint. Returns ``HfApi.upload_folder``'s commit info."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        export_dual_encoder(model, folder, card=card, tokenizer=tokenizer, repo_id=repo_id)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
