@@ -180,3 +180,17 @@ def test_imagenet100_recipe_selects_its_classes_from_a_local_imagenet_folder(tmp
     result = run(command, tmp_path)
     assert "Selected the ImageNet-100 classes: 12 training and 6 evaluation images" in result.stderr
     check_recipe_run(output_dir, image_size=64, optimizer="AdamW")
+
+
+def test_the_small_batch_sgd_preset_uses_two_fixed_augmentations(tmp_path):
+    from real_schema import make_stl10
+
+    copy = make_stl10(tmp_path / "stl10", num_unlabeled=32, num_train=20, num_test=20)
+    output_dir = tmp_path / "run"
+    command = [sys.executable, "recipes/stl10.py", "--config", "stl10_subset_b4_sgd", "--dataset_name", str(copy)]
+    command += [*TINY_MODEL, *FEW_STEPS, "--max_train_samples", "16", "--output_dir", str(output_dir)]
+    command += ["--per_device_train_batch_size", "4"]
+    result = run(command, tmp_path)
+    check_recipe_run(output_dir, image_size=96, optimizer="SGD")
+    config = json.loads((output_dir / "run_config.json").read_text())
+    assert config["data"]["num_augmentations"] == 2 and "on 16 images of" in result.stderr
