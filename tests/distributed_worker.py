@@ -78,9 +78,17 @@ def trainer_state(output_dir: str) -> None:
         ContrastiveEncoderConfig,
         ContrastiveTrainer,
         ContrastiveTrainingArguments,
+        ProbeEvaluator,
         SimCLRAugmentation,
         load_digits_dataset,
     )
+
+    class CountingEvaluator(ProbeEvaluator):
+        calls = 0
+
+        def __call__(self, model, device=None):
+            CountingEvaluator.calls += 1
+            return super().__call__(model, device)
 
     torch.manual_seed(0)
     model = ContrastiveEncoder(ContrastiveEncoderConfig(backbone="test_resnet", projection_dim=16))
@@ -94,13 +102,23 @@ def trainer_state(output_dir: str) -> None:
         disable_tqdm=True,
         ddp_backend="gloo",
     )
+    digits = load_digits_dataset(image_size=16)
+    collator = ContrastiveCollator(augmentation=SimCLRAugmentation(image_size=16))
     trainer = ContrastiveTrainer(
         model=model,
         args=args,
-        train_dataset=load_digits_dataset(image_size=16)["train"].select(range(40)),
-        data_collator=ContrastiveCollator(augmentation=SimCLRAugmentation(image_size=16)),
+        train_dataset=digits["train"].select(range(40)),
+        data_collator=collator,
+        probe_evaluator=CountingEvaluator(
+            digits["train"].select(range(60)),
+            digits["test"].select(range(30)),
+            collator.eval_pixel_values,
+            shots_per_class=2,
+            num_draws=1,
+        ),
     )
     trainer.train()
+    metrics = trainer.evaluate()
     rank = dist.get_rank()
     state = trainer.objective.chains
     with open(os.path.join(output_dir, f"trainer-rank{rank}.json"), "w") as handle:
@@ -109,6 +127,8 @@ def trainer_state(output_dir: str) -> None:
                 "world_size": dist.get_world_size(),
                 "state_index": state.state_index.tolist(),
                 "state_log_score": state.state_log_score.tolist(),
+                "probe_calls": CountingEvaluator.calls,
+                "metrics": metrics,
             },
             handle,
         )

@@ -46,5 +46,8 @@ def test_trainer_keeps_identical_per_sample_state_on_every_process(tmp_path):
     assert ranks[0]["world_size"] == 2
     assert ranks[0]["state_index"] == ranks[1]["state_index"]
     assert ranks[0]["state_log_score"] == ranks[1]["state_log_score"]
+    # The probes ran on the main process only (at the last step and in evaluate()); both ranks report its numbers.
+    assert ranks[0]["probe_calls"] == 2 and ranks[1]["probe_calls"] == 0
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] and "eval_knn_accuracy" in ranks[0]["metrics"]
     # 3 steps × 2 processes × 4 images: 24 distinct images visited.
     assert sum(index != -1 for index in ranks[0]["state_index"]) == 24

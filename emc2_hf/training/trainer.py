@@ -7,6 +7,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 from huggingface_hub import HfApi
 from torch import nn
 from transformers import Trainer, TrainerCallback
@@ -256,10 +257,14 @@ class ContrastiveTrainer(Trainer):
                 "(a ProbeEvaluator over labelled train/test splits)"
             )
         model = self.accelerator.unwrap_model(self.model)
-        metrics = {
-            f"{metric_key_prefix}_{name}": value
-            for name, value in self.probe_evaluator(model, device=self.args.device).items()
-        }
+        if self.args.world_size > 1:
+            # The main process alone extracts features and fits the probes (N processes would repeat the same
+            # work and compete for the CPU); the others receive its numbers.
+            payload = [self.probe_evaluator(model, device=self.args.device) if self.is_world_process_zero() else None]
+            values = broadcast_object_list(payload, from_process=0)[0]
+        else:
+            values = self.probe_evaluator(model, device=self.args.device)
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in values.items()}
         self.last_evaluation = (self.state.global_step, metric_key_prefix, metrics)
         self.log(dict(metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
