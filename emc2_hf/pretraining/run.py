@@ -69,9 +69,14 @@ def load_splits(
     if select is None:
         select = default_select_imagenet100 and _num_classes(evaluation, data_args.label_column) > 100
     if select:
-        probe_train, evaluation = (select_imagenet100(d, data_args.label_column) for d in (probe_train, evaluation))
-        if data_args.label_column in train.column_names:
-            train = select_imagenet100(train, data_args.label_column)
+        try:
+            probe_train, evaluation = (
+                select_imagenet100(d, data_args.label_column) for d in (probe_train, evaluation)
+            )
+            if data_args.label_column in train.column_names:
+                train = select_imagenet100(train, data_args.label_column)
+        except ValueError as error:
+            raise DatasetUnavailableError(f"--select_imagenet100: {error}") from error
         logger.info(
             "Selected the ImageNet-100 classes: %d training and %d evaluation images", len(train), len(evaluation)
         )
