@@ -134,5 +134,58 @@ def trainer_state(output_dir: str) -> None:
         )
 
 
+def batch_free_run(output_dir: str) -> None:
+    """A whole ContrastiveTrainer run with an encoder free of batch statistics (GroupNorm backbone, head without
+    BatchNorm), global batch 8 split over however many processes torchrun started: weights and chains are saved."""
+    from safetensors.torch import save_file
+
+    from emc2_hf import (
+        ContrastiveCollator,
+        ContrastiveEncoder,
+        ContrastiveEncoderConfig,
+        ContrastiveTrainer,
+        ContrastiveTrainingArguments,
+        SimCLRAugmentation,
+        load_digits_dataset,
+    )
+
+    size = int(os.environ["WORLD_SIZE"])  # the process group starts with the training arguments
+    torch.manual_seed(0)
+    model = ContrastiveEncoder(
+        ContrastiveEncoderConfig(
+            backbone="test_resnet",
+            backbone_kwargs={"norm_layer": "groupnorm1"},
+            projection_dim=16,
+            projection_batch_norm=False,
+        )
+    )
+    args = ContrastiveTrainingArguments(
+        output_dir=os.path.join(output_dir, f"run-{size}"),
+        per_device_train_batch_size=8 // size,
+        max_steps=4,
+        optim="sgd",  # Adam would turn float rounding of near-zero gradients into ±lr steps
+        learning_rate=0.05,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        ddp_backend="gloo",
+        seed=0,
+    )
+    trainer = ContrastiveTrainer(
+        model=model,
+        args=args,
+        train_dataset=load_digits_dataset(image_size=16)["train"].select(range(40)),
+        data_collator=ContrastiveCollator(augmentation=SimCLRAugmentation(image_size=16)),
+    )
+    trainer.train()
+    if int(os.environ["RANK"]) == 0:
+        tensors = {f"model.{name}": value.detach().clone() for name, value in model.state_dict().items()}
+        tensors["state_index"] = trainer.objective.chains.state_index.clone()
+        tensors["state_log_score"] = trainer.objective.chains.state_log_score.clone()
+        save_file(tensors, os.path.join(output_dir, f"batch-free-{size}.safetensors"))
+
+
 if __name__ == "__main__":
-    {"objectives": objective_equivalence, "trainer": trainer_state}[sys.argv[1]](sys.argv[2])
+    modes = {"objectives": objective_equivalence, "trainer": trainer_state, "batch_free": batch_free_run}
+    modes[sys.argv[1]](sys.argv[2])

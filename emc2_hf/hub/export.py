@@ -93,6 +93,7 @@ def export_encoder(
             "feature_dim": str(model.config.feature_dim),
             "projection_dim": str(model.config.projection_dim),
             "projection_hidden_dim": str(model.config.projection_hidden_dim or model.config.feature_dim),
+            "projection_batch_norm": str(bool(model.config.projection_batch_norm)),
         }
         save_file(head, os.path.join(output_dir, PROJECTION_HEAD_NAME), metadata=metadata)
         written.append(PROJECTION_HEAD_NAME)
@@ -113,7 +114,10 @@ def load_projection_head(export_dir: str | os.PathLike) -> nn.Module:
     with safe_open(path, framework="pt") as handle:
         metadata = handle.metadata()
     head = projection_head(
-        int(metadata["feature_dim"]), int(metadata["projection_hidden_dim"]), int(metadata["projection_dim"])
+        int(metadata["feature_dim"]),
+        int(metadata["projection_hidden_dim"]),
+        int(metadata["projection_dim"]),
+        metadata.get("projection_batch_norm", "True") == "True",
     )
     head.load_state_dict(load_file(path))
     return head.eval()

@@ -24,6 +24,10 @@ class ContrastiveEncoderConfig(PreTrainedConfig):
             Output size of the projection head; `None` means no head (embeddings are the backbone features).
         projection_hidden_dim (`int` or `None`, *optional*):
             Hidden size of the two-layer MLP head (SimCLR's); defaults to the backbone's feature size.
+        projection_batch_norm (`bool`, defaults to `True`):
+            BatchNorm after the head's hidden layer (SimCLR). `False`: `Linear → ReLU → Linear`, as the EMC² reference
+            code; with a backbone without batch statistics too (`backbone_kwargs={"norm_layer": "groupnorm"}`) an
+            image's embedding does not depend on its batch, so N processes × b/N train exactly like 1 × b.
         zero_init_residual (`bool`, defaults to `False`):
             Keep timm's zero initialisation of the last normalisation layer of every residual block. It is a
             supervised-training trick; from scratch at small resolutions it makes an untrained ResNet-18's features
@@ -41,5 +45,6 @@ class ContrastiveEncoderConfig(PreTrainedConfig):
     pretrained_backbone: bool = False
     projection_dim: int | None = 128
     projection_hidden_dim: int | None = None
+    projection_batch_norm: bool = True
     zero_init_residual: bool = False
     feature_dim: int | None = None

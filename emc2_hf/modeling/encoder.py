@@ -27,11 +27,21 @@ class ContrastiveEncoderOutput(ModelOutput):
     features: torch.FloatTensor | None = None
 
 
-def projection_head(feature_dim: int, hidden_dim: int | None, projection_dim: int | None) -> nn.Module:
-    """SimCLR's head ``Linear(d, h) → BatchNorm → ReLU → Linear(h, p)``; identity when ``projection_dim`` is None."""
+def projection_head(
+    feature_dim: int, hidden_dim: int | None, projection_dim: int | None, batch_norm: bool = True
+) -> nn.Module:
+    """SimCLR's head ``Linear(d, h) → BatchNorm → ReLU → Linear(h, p)``; identity when ``projection_dim`` is None.
+
+    ``batch_norm=False`` gives ``Linear(d, h) → ReLU → Linear(h, p)`` (with a bias on the first layer), as in the EMC²
+    reference code: no batch statistics, so an embedding does not depend on the rest of the batch.
+    """
     if projection_dim is None:
         return nn.Identity()
     hidden_dim = hidden_dim or feature_dim
+    if not batch_norm:
+        return nn.Sequential(
+            nn.Linear(feature_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, projection_dim)
+        )
     return nn.Sequential(
         nn.Linear(feature_dim, hidden_dim, bias=False),
         nn.BatchNorm1d(hidden_dim),
@@ -87,7 +97,9 @@ class ContrastiveEncoder(PreTrainedModel):
         super().__init__(config)
         self.backbone = create_backbone(config)
         config.feature_dim = self.backbone.num_features
-        self.projection = projection_head(config.feature_dim, config.projection_hidden_dim, config.projection_dim)
+        self.projection = projection_head(
+            config.feature_dim, config.projection_hidden_dim, config.projection_dim, config.projection_batch_norm
+        )
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:

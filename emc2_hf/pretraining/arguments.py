@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from ..data.augmentations import AUGMENTATION_PRESETS
@@ -92,3 +93,25 @@ class ModelArguments:
     projection_hidden_dim: int | None = field(
         default=None, metadata={"help": "Hidden size of the projection MLP (default: the backbone's feature size)."}
     )
+    projection_batch_norm: bool = field(
+        default=True, metadata={"help": "BatchNorm in the projection head (SimCLR); false: Linear-ReLU-Linear."}
+    )
+    backbone_kwargs: str | None = field(
+        default=None,
+        metadata={
+            "help": 'JSON dict of extra timm.create_model arguments, e.g. \'{"norm_layer": "groupnorm"}\' '
+            "(GroupNorm instead of BatchNorm, as the EMC² reference code)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone_kwargs, str):
+            try:
+                parsed = json.loads(self.backbone_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"--backbone_kwargs must be a JSON object, got {self.backbone_kwargs!r}: {error}"
+                ) from None
+            if not isinstance(parsed, dict):
+                raise ValueError(f"--backbone_kwargs must be a JSON object, got {self.backbone_kwargs!r}")
+            self.backbone_kwargs = parsed

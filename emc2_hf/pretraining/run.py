@@ -170,6 +170,8 @@ def run_pretraining(
             pretrained_backbone=model_args.pretrained_backbone,
             projection_dim=model_args.projection_dim,
             projection_hidden_dim=model_args.projection_hidden_dim,
+            projection_batch_norm=model_args.projection_batch_norm,
+            backbone_kwargs=model_args.backbone_kwargs,
         )
     )
     card_data = ModelCardData(
