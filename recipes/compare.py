@@ -4,7 +4,8 @@
         --max_steps 200 --report_to none
 
 Accepts every argument of ``recipes/stl10.py`` (``--objective`` is ignored: all of ``--objectives`` run, each in
-``output_dir/<objective>``). Writes ``output_dir/comparison.json`` and ``output_dir/comparison.md``.
+``output_dir/<objective>``; ``emc2_exact`` names EMC²'s exact mode, e.g. ``--objectives emc2,emc2_exact,simclr``).
+Writes ``output_dir/comparison.json`` and ``output_dir/comparison.md``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from stl10 import main as pretrain  # noqa: E402
 
 OBJECTIVES = ("emc2", "sogclr", "simclr")
+VARIANTS = {"emc2_exact": ["--objective", "emc2", "--emc2_exact", "true"]}  # --objectives may also name these
 METRICS = ("linear_probe_accuracy", "knn_accuracy", "fewshot_linear_probe_accuracy", "fewshot_knn_accuracy")
 
 
@@ -42,7 +44,8 @@ def main() -> None:
     rows, untrained = {}, None
     start = time.perf_counter()
     for objective in objectives:
-        results = pretrain([*arguments, "--objective", objective, "--output_dir", os.path.join(output_dir, objective)])
+        selection = VARIANTS.get(objective, ["--objective", objective])
+        results = pretrain([*arguments, *selection, "--output_dir", os.path.join(output_dir, objective)])
         rows[objective] = {
             **{name: results[f"eval_{name}"] for name in METRICS},
             "train_seconds": results["train_runtime_seconds"],
