@@ -68,6 +68,29 @@ def test_projection_head_is_optional_and_round_trips(tmp_path):
         load_projection_head(tmp_path / "plain")
 
 
+def test_a_batch_free_encoder_exports_with_its_groupnorm_and_head(tmp_path):
+    torch.manual_seed(0)
+    config = ContrastiveEncoderConfig(
+        backbone="resnet18",
+        backbone_kwargs={"norm_layer": "groupnorm"},
+        projection_dim=16,
+        projection_batch_norm=False,
+    )
+    model = ContrastiveEncoder(config).eval()
+    assert not any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in model.modules())
+    export_encoder(model, tmp_path, image_size=32, include_projection_head=True)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        output = model(pixel_values=pixels)
+        from_timm = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()(pixels)
+        from_transformers = AutoModel.from_pretrained(str(tmp_path)).eval()(pixel_values=pixels).pooler_output
+        head = load_projection_head(tmp_path)
+        assert (from_timm - output.features).abs().max().item() <= TOLERANCE
+        assert (from_transformers - output.features).abs().max().item() <= TOLERANCE
+        assert torch.allclose(head(output.features), output.embeddings, atol=1e-6)
+    assert not any(isinstance(module, torch.nn.BatchNorm1d) for module in head.modules())
+
+
 def short_run(tmp_path, digits, objective="emc2", **overrides):
     torch.manual_seed(0)
     collator = ContrastiveCollator(augmentation=SimCLRAugmentation(image_size=16))

@@ -351,3 +351,17 @@ def test_the_accelerate_configs_load_with_accelerate(name, distributed_type, num
     config = load_config_from_file(str(ROOT / "recipes" / "accelerate" / f"{name}.yaml"))
     assert str(config.distributed_type).endswith(distributed_type) and config.num_processes == num_processes
     assert str(config.mixed_precision).endswith("bf16") and not config.use_cpu
+
+
+def test_backbone_kwargs_are_json_and_reach_the_encoder(tmp_path):
+    from emc2_hf.pretraining import ModelArguments
+
+    assert ModelArguments(backbone_kwargs='{"norm_layer": "groupnorm"}').backbone_kwargs == {"norm_layer": "groupnorm"}
+    with pytest.raises(ValueError, match="--backbone_kwargs must be a JSON object"):
+        ModelArguments(backbone_kwargs="norm_layer=groupnorm")
+    with pytest.raises(ValueError, match="--backbone_kwargs must be a JSON object"):
+        ModelArguments(backbone_kwargs="[1, 2]")
+    _, model_args, _ = parse_recipe_arguments(
+        ["--backbone_kwargs", '{"norm_layer": "groupnorm1"}', "--projection_batch_norm", "false"]
+    )
+    assert model_args.backbone_kwargs == {"norm_layer": "groupnorm1"} and model_args.projection_batch_norm is False

@@ -43,13 +43,15 @@ class ContrastiveTrainer(Trainer):
     A batch travels collator → :meth:`compute_loss` → model (embeddings of the two views) → objective (negative weights
     from its per-sample state) → loss. The objective's per-sample state is written into every checkpoint as
     ``per_sample_state.safetensors`` and restored by ``train(resume_from_checkpoint=...)``. Metrics the objective
-    reports (EMC²'s ``acceptance_rate`` and ``outside_batch_sample_fraction``) are averaged over each logging window
-    and logged with the loss.
+    reports (EMC²'s ``acceptance_rate`` and ``outside_batch_sample_fraction``, and ``reencoded_fraction`` in exact
+    mode) are averaged over each logging window and logged with the loss, beside ``knn_monitor_accuracy`` when
+    ``args.knn_monitor_steps`` is set. With ``args.emc2_exact`` the chain states outside the batch are encoded too
+    (:meth:`compute_loss`); with ``args.timm_optimizer`` the optimiser is timm's (:meth:`create_optimizer`). Under
+    several processes the objective sees the global batch on every process, and the probes run on the main process.
 
     Args:
         model: a model whose forward takes ``pixel_values`` and returns ``embeddings`` (and ``features`` for the
-            probes),
-            e.g. :class:`~emc2_hf.ContrastiveEncoder`.
+            probes), e.g. :class:`~emc2_hf.ContrastiveEncoder`.
         args: :class:`ContrastiveTrainingArguments`.
         train_dataset: map-style dataset of rows with an image column; the dataset index column is added if missing.
         data_collator: a :class:`~emc2_hf.ContrastiveCollator` (default one if omitted).
