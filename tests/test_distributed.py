@@ -18,8 +18,7 @@ def torchrun(mode: str, tmp_path, processes: int = 2) -> None:
             torchrun_bin,
             "--nproc_per_node",
             str(processes),
-            "--master_port",
-            str(29500 + os.getpid() % 1000),
+            "--standalone",  # a free port each time: back-to-back launches never collide
             "tests/distributed_worker.py",
             mode,
             str(tmp_path),

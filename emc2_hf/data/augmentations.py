@@ -22,34 +22,30 @@ _PROBABILITIES = (
 )
 _CACHED = ("train_pipeline", "eval_pipeline")
 
+# EMC² paper, STL-10 at 96 px (SimCLR's recipe with s = 1; the reference code blurs every view).
+_STL10_PRESET: dict[str, Any] = {
+    "image_size": 96,
+    "crop_scale": (0.08, 1.0),
+    "horizontal_flip_probability": 0.5,
+    "brightness": 0.8,
+    "contrast": 0.8,
+    "saturation": 0.8,
+    "hue": 0.2,
+    "color_jitter_probability": 0.8,
+    "grayscale_probability": 0.2,
+    "blur_probability": 1.0,
+    "blur_sigma": (0.1, 2.0),
+}
 AUGMENTATION_PRESETS: dict[str, dict[str, Any]] = {
-    # EMC² paper, STL-10 at 96 px (SimCLR's recipe with s = 1; the reference code blurs every view).
-    "stl10": {
-        "image_size": 96,
-        "crop_scale": (0.08, 1.0),
-        "horizontal_flip_probability": 0.5,
-        "brightness": 0.8,
-        "contrast": 0.8,
-        "saturation": 0.8,
-        "hue": 0.2,
-        "color_jitter_probability": 0.8,
-        "grayscale_probability": 0.2,
-        "blur_probability": 1.0,
-        "blur_sigma": (0.1, 2.0),
-    },
-    # EMC² paper, ImageNet-100 at 224 px (MoCo v2's weaker jitter).
+    "stl10": _STL10_PRESET,
+    # EMC² paper, ImageNet-100 at 224 px: the same pipeline with MoCo v2's weaker jitter.
     "imagenet100": {
+        **_STL10_PRESET,
         "image_size": 224,
-        "crop_scale": (0.08, 1.0),
-        "horizontal_flip_probability": 0.5,
         "brightness": 0.4,
         "contrast": 0.4,
         "saturation": 0.2,
         "hue": 0.1,
-        "color_jitter_probability": 0.8,
-        "grayscale_probability": 0.2,
-        "blur_probability": 1.0,
-        "blur_sigma": (0.1, 2.0),
     },
     # scikit-learn's 8×8 digits upscaled to 32 px: milder crops, no flips (a flipped 2 is not a 2), no blur.
     "digits": {

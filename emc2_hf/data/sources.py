@@ -101,11 +101,8 @@ def load_image_split(
         ) from error
     if isinstance(dataset, datasets.IterableDataset):  # pragma: no cover - load_dataset without streaming
         raise DatasetUnavailableError(f"{where} loaded as a streaming dataset; per-sample state needs a map-style one")
-    if image_column is not None and image_column not in dataset.column_names:
-        raise DatasetUnavailableError(
-            f"split {split!r} of {where} has no column {image_column!r}; its columns are {dataset.column_names}. "
-            "Pass --image_column <one of them>."
-        )
+    if image_column is not None:
+        require_column(dataset, image_column, f"split {split!r} of {where}", "--image_column")
     return dataset
 
 

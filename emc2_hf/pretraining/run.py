@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -113,9 +114,7 @@ def build_augmentation(data_args: DataArguments, default_preset: str) -> SimCLRA
             saturation=augmentation.saturation * strength,
             hue=min(augmentation.hue * strength, 0.5),
         )
-    return SimCLRAugmentation.from_preset(
-        preset, **{name: value for name, value in overrides.items() if value is not None}
-    )
+    return dataclasses.replace(augmentation, **{name: value for name, value in overrides.items() if value is not None})
 
 
 def format_probes(metrics: dict[str, float], prefix: str) -> str:

@@ -7,6 +7,8 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as distributed_functional
 from accelerate.utils import broadcast_object_list
 from huggingface_hub import HfApi
 from torch import nn
@@ -19,10 +21,10 @@ from ..evaluation.callbacks import KNNMonitorCallback, ProbeCallback
 from ..evaluation.probes import ProbeEvaluator
 from ..hub.export import export_encoder
 from ..hub.model_card import OBJECTIVE_TITLES, ModelCardData, objective_settings, probe_rows, render_model_card
-from ..objectives import ContrastiveObjective, build_objective
+from ..objectives import ContrastiveObjective, EMC2Objective, build_objective
 from ..sampling.sample_state import load_per_sample_state, save_per_sample_state
 from .arguments import ContrastiveTrainingArguments
-from .distributed import gather_views
+from .distributed import gather_views, world_size
 from .optimizers import create_timm_optimizer
 
 
@@ -95,18 +97,24 @@ class ContrastiveTrainer(Trainer):
                 seed=args.seed,
                 exact=args.emc2_exact,
             )
+        elif args.emc2_exact:  # a ready objective: the arguments still decide the exact mode
+            if not isinstance(objective, EMC2Objective):
+                raise ValueError(f"--emc2_exact needs the emc2 objective, not {type(objective).__name__}")
+            objective.exact = True
         if getattr(data_collator, "seed", False) is None:
             data_collator.seed = args.seed  # views keyed by (seed, epoch, index, view): resumable, worker-independent
         callbacks = [*(callbacks or []), CollatorEpochCallback(data_collator)]
         if probe_evaluator is not None and not any(isinstance(callback, ProbeCallback) for callback in callbacks):
             callbacks.append(ProbeCallback())
+        knn_monitor = None
         if args.knn_monitor_steps is not None:
             monitor_evaluator = monitor_evaluator if monitor_evaluator is not None else probe_evaluator
             if monitor_evaluator is None:
                 raise ValueError(
                     "--knn_monitor_steps needs labelled data to measure on: pass probe_evaluator=ProbeEvaluator(...)"
                 )
-            callbacks.append(KNNMonitorCallback(monitor_evaluator, args.knn_monitor_steps))
+            knn_monitor = KNNMonitorCallback(monitor_evaluator, args.knn_monitor_steps)
+            callbacks.append(knn_monitor)
         super().__init__(
             model=model,
             args=args,
@@ -117,6 +125,7 @@ class ContrastiveTrainer(Trainer):
         )
         self.objective = objective
         self.probe_evaluator = probe_evaluator
+        self._knn_monitor = knn_monitor
         self.model_card_data = model_card_data if model_card_data is not None else ModelCardData()
         self._objective_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._micro_step_position = (-1, 0)
@@ -147,12 +156,6 @@ class ContrastiveTrainer(Trainer):
         In EMC²'s exact mode (``args.emc2_exact``) the chain states outside the global batch are encoded too, in the
         same forward pass, and passed to the objective as extra candidates (:meth:`_encode_with_chain_states`).
         """
-        if self.args.emc2_exact and not getattr(self.objective, "exact", False):
-            from ..objectives import EMC2Objective
-
-            if not isinstance(self.objective, EMC2Objective):
-                raise ValueError(f"--emc2_exact needs the emc2 objective, not {type(self.objective).__name__}")
-            self.objective.exact = True  # an objective built without it: the arguments decide
         extra_candidates: dict[str, torch.Tensor] = {}
         if getattr(self.objective, "exact", False):
             outputs, embeddings, extra_candidates = self._encode_with_chain_states(model, inputs)
@@ -189,11 +192,6 @@ class ContrastiveTrainer(Trainer):
             The model outputs (views' rows), the views' embeddings ``[2b, d]`` and the objective's extra arguments
             ``{"extra_embeddings": [k, d], "extra_dataset_indices": [k]}``, identical on every process.
         """
-        import torch.distributed as dist
-        import torch.distributed.nn.functional as distributed_functional
-
-        from .distributed import world_size
-
         pixel_values = inputs["pixel_values"]
         local_indices = inputs[self.data_collator.index_column]
         num_views, size = pixel_values.shape[0], world_size()
@@ -229,10 +227,8 @@ class ContrastiveTrainer(Trainer):
             for name, values in self._objective_metrics.items():
                 logs[name] = round(torch.stack(values).float().mean().item(), 4)
             self._objective_metrics.clear()
-        if "loss" in logs:
-            for callback in self.callback_handler.callbacks:
-                if isinstance(callback, KNNMonitorCallback):
-                    logs.update(callback.pop_pending())
+        if "loss" in logs and self._knn_monitor is not None:
+            logs.update(self._knn_monitor.pop_pending())
         super().log(logs, start_time)
 
     def floating_point_ops(self, inputs: dict[str, torch.Tensor | Any]) -> int:
