@@ -4,12 +4,12 @@
 
 A step is forward of both views, the loss, backward and an AdamW update, on ResNet-18 (timm, 512-d features,
 128-d projection) at ``image_size`` px. "InfoNCE (plain)" is ``F.cross_entropy`` on the masked logits, written by hand:
-the baseline the objectives are compared to. For EMC² it also reports the sweep alone (median over the same steps) and
-the fraction of anchors whose chain started the step on a state outside the batch. "emc2 exact" is EMC²'s exact mode
-as the trainer runs it: the ``k`` distinct states outside the batch are encoded in the same forward pass as the views
-(``2b + k`` images, random pixels like the views) and passed to the objective; its row reports the measured
-``reencoded_fraction`` and ``k``. Fetching and transforming the ``k`` training images (the trainer does it in the main
-process) is not included. The chains are warmed up on a simulated dataset of ``--dataset_size`` images first, so the
+the baseline the objectives are compared to. Objectives that re-encode chain states (``emc2``) encode, as
+``ContrastiveTrainer`` does, the ``k`` states the batch does not hold in the same forward pass as the views
+(``2b + k`` images, random pixels like the views; the collator reads and augments them in DataLoader workers, which
+is not timed here); their row reports ``k`` and the metrics of the objective. For every EMC² objective it also reports
+the sampler alone (``negative_weights``: picks, proposals, sweep, state update; median over the same steps). The chains
+are warmed up on a simulated dataset of ``--dataset_size`` images with fresh views every step first, so ``k`` and the
 fractions are the steady-state ones.
 """
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from emc2_hf import ContrastiveEncoder, ContrastiveEncoderConfig
-from emc2_hf.objectives import build_objective, pair_views
+from emc2_hf.objectives import OBJECTIVES, build_objective, states_to_encode, two_view_problem
 from emc2_hf.sampling import keyed_generator
 
 from common import median_seconds, print_table
@@ -37,6 +37,32 @@ def plain_info_nce(embeddings: torch.Tensor, beta: float) -> torch.Tensor:
     return F.cross_entropy(logits, targets)
 
 
+class SimulatedBatches:
+    """Random batches of a dataset of ``size`` images, with fresh view keys every step (as the collator makes)."""
+
+    def __init__(self, size: int, batch_size: int, device: torch.device) -> None:
+        self.size, self.batch_size, self.device = size, batch_size, device
+        self.generator = torch.Generator().manual_seed(0)
+
+    def next(self) -> dict[str, torch.Tensor]:
+        indices = torch.randperm(self.size, generator=self.generator)[: self.batch_size]
+        view_keys = torch.randint(0, 2**62, (2 * self.batch_size,), generator=self.generator)
+        slots = torch.arange(2).repeat_interleave(self.batch_size)
+        return {
+            "indices": indices.to(self.device),
+            "view_keys": view_keys.to(self.device),
+            "slots": slots.to(self.device),
+        }
+
+
+def state_arguments(objective, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The starts of the batch's chains and the states to encode (without their embeddings)."""
+    keys = batch["indices"].repeat(2)
+    start_keys, start_views = objective.chain_starts(keys, batch["slots"])
+    state_keys, state_views = states_to_encode(start_keys, start_views, keys, batch["view_keys"])
+    return {"state_keys": state_keys, "state_views": state_views, "start_keys": start_keys, "start_views": start_views}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[32, 256])
@@ -45,6 +71,7 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=7)
     parser.add_argument("--dataset_size", type=int, default=5000)
     parser.add_argument("--beta", type=float, default=5.0)
+    parser.add_argument("--objectives", nargs="+", default=sorted(OBJECTIVES), choices=sorted(OBJECTIVES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default=None, help="append results as JSON lines to this file")
     args = parser.parse_args()
@@ -56,110 +83,101 @@ def main() -> None:
         model = ContrastiveEncoder(ContrastiveEncoderConfig(backbone=args.backbone)).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         pixels = torch.randn(2 * batch_size, 3, args.image_size, args.image_size, device=device)
-        objectives = {
-            name: build_objective(name, args.dataset_size, args.beta).to(device)
-            for name in ("emc2", "sogclr", "simclr")
-        }
-        exact = build_objective("emc2", args.dataset_size, args.beta, exact=True).to(device)
-        state_pixels = torch.randn(batch_size, 3, args.image_size, args.image_size, device=device)  # k ≤ b states
-        generator = torch.Generator().manual_seed(0)
-        state = {"step": 0, "indices": None}
+        state_pixels = torch.randn(2 * batch_size, 3, args.image_size, args.image_size, device=device)  # k ≤ 2b
+        objectives = {name: build_objective(name, args.dataset_size, args.beta).to(device) for name in args.objectives}
+        batches = SimulatedBatches(args.dataset_size, batch_size, device)
+        state = {"step": 0}
 
-        def next_indices() -> torch.Tensor:
-            return torch.randperm(args.dataset_size, generator=generator)[:batch_size].to(device)
-
-        # Warm the chains / u up on random embeddings: ~3 epochs of the simulated dataset.
-        emc2 = objectives["emc2"]
+        # Warm the per-sample state up on random embeddings: ~3 epochs of the simulated dataset.
         for step in range(3 * args.dataset_size // batch_size):
-            with torch.no_grad():
-                objectives["emc2"](torch.randn(2 * batch_size, 128, device=device), next_indices(), step=step)
-                objectives["sogclr"](torch.randn(2 * batch_size, 128, device=device), next_indices(), step=step)
-                indices = next_indices()
-                states = exact.states_to_encode(indices)
-                exact(
-                    torch.randn(2 * batch_size, 128, device=device),
-                    indices,
-                    step=step,
-                    extra_embeddings=torch.randn(states.numel(), 128, device=device),
-                    extra_dataset_indices=states,
-                )
+            for objective in objectives.values():
+                batch = batches.next()
+                arguments = {"view_keys": batch["view_keys"], "view_slots": batch["slots"]}
+                if objective.reencodes_chain_states:
+                    arguments.update(state_arguments(objective, batch))
+                    arguments["state_embeddings"] = torch.randn(arguments["state_keys"].numel(), 128, device=device)
+                with torch.no_grad():
+                    objective(
+                        torch.randn(2 * batch_size, 128, device=device), batch["indices"], step=step, **arguments
+                    )
 
-        def train_step(loss_fn) -> None:
+        reports: dict[str, dict[str, list[float]]] = {name: {"k": []} for name in objectives}
+
+        def objective_step(name: str) -> None:
+            objective = objectives[name]
             state["step"] += 1
-            indices = next_indices()
+            batch = batches.next()
+            arguments = {"view_keys": batch["view_keys"], "view_slots": batch["slots"]}
+            inputs = pixels
+            if objective.reencodes_chain_states:
+                arguments.update(state_arguments(objective, batch))
+                inputs = torch.cat([pixels, state_pixels[: arguments["state_keys"].numel()]])
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(pixel_values=pixels).embeddings, indices)
-            loss.backward()
-            optimizer.step()
-
-        reencoded = {"fraction": [], "states": []}
-
-        def exact_step() -> None:
-            # As ContrastiveTrainer runs it: the views and the k states outside the batch in one forward pass.
-            state["step"] += 1
-            indices = next_indices()
-            states = exact.states_to_encode(indices)
-            optimizer.zero_grad(set_to_none=True)
-            embeddings = model(pixel_values=torch.cat([pixels, state_pixels[: states.numel()]])).embeddings
-            output = exact(
-                embeddings[: 2 * batch_size],
-                indices,
-                step=state["step"],
-                extra_embeddings=embeddings[2 * batch_size :],
-                extra_dataset_indices=states,
-            )
+            embeddings = model(pixel_values=inputs).embeddings
+            if objective.reencodes_chain_states:
+                arguments["state_embeddings"] = embeddings[2 * batch_size :]
+            output = objective(embeddings[: 2 * batch_size], batch["indices"], step=state["step"], **arguments)
             output.loss.backward()
             optimizer.step()
-            reencoded["fraction"].append(output.metrics["reencoded_fraction"].item())
-            reencoded["states"].append(states.numel())
+            reports[name]["k"].append(inputs.shape[0] - 2 * batch_size)
+            for key, value in output.metrics.items():
+                reports[name].setdefault(key, []).append(value.item())
 
-        losses = {"InfoNCE (plain)": lambda e, i: plain_info_nce(e, args.beta)}
-        for name, objective in objectives.items():
-            losses[name] = lambda e, i, objective=objective: objective(e, i, step=state["step"]).loss
-        steps = {name: lambda loss_fn=loss_fn: train_step(loss_fn) for name, loss_fn in losses.items()}
-        steps["emc2 exact"] = exact_step
+        def plain_step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            plain_info_nce(model(pixel_values=pixels).embeddings, args.beta).backward()
+            optimizer.step()
+
+        steps = {"InfoNCE (plain)": plain_step}
+        steps.update({name: (lambda name=name: objective_step(name)) for name in objectives})
         # Interleave the methods over repetitions so drift (thermal, other load) hits all of them alike.
         for step_fn in steps.values():
             median_seconds(step_fn, 1, 2, device)
-        reencoded["fraction"].clear()
-        reencoded["states"].clear()
+        for report in reports.values():
+            report.clear()
+            report["k"] = []
         samples = {name: [] for name in steps}
         for _ in range(args.repetitions):
             for name, step_fn in steps.items():
                 samples[name].append(median_seconds(step_fn, 1, 0, device))
         timings = {name: sorted(values)[len(values) // 2] for name, values in samples.items()}
 
-        # The sweep alone and the out-of-batch start fraction, on embeddings of the real model's size.
-        embeddings = torch.randn(2 * batch_size, 128, device=device)
-        sweep_times, outside = [], []
-        for repetition in range(args.repetitions):
-            indices = next_indices()
-            pairs = pair_views(embeddings, indices)
-            stored = emc2.chains.state_index[pairs.anchor_dataset_indices]
-            starts_outside = ~(stored[:, None] == indices[None, :]).any(dim=1)
-            outside.append(starts_outside.float().mean().item())
-            start = time.perf_counter()
-            emc2.negative_weights(pairs, keyed_generator(0, repetition))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            sweep_times.append(time.perf_counter() - start)
-        sweep = sorted(sweep_times)[len(sweep_times) // 2]
+        # The sampler alone, on embeddings of the real model's size.
+        sampler = {}
+        for name, objective in objectives.items():
+            if not name.startswith("emc2"):
+                continue
+            times = []
+            for repetition in range(args.repetitions):
+                batch = batches.next()
+                arguments = {"view_keys": batch["view_keys"], "view_slots": batch["slots"]}
+                if objective.reencodes_chain_states:
+                    arguments.update(state_arguments(objective, batch))
+                    arguments["state_embeddings"] = torch.randn(arguments["state_keys"].numel(), 128, device=device)
+                problem = two_view_problem(
+                    torch.randn(2 * batch_size, 128, device=device), batch["indices"], **arguments
+                )
+                start = time.perf_counter()
+                objective.negative_weights(problem, keyed_generator(0, repetition))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - start)
+            sampler[name] = sorted(times)[len(times) // 2]
 
         base = timings["InfoNCE (plain)"]
         for name, seconds in timings.items():
-            extra = ""
-            if name == "emc2":
-                extra = (
-                    f"sampler {1e3 * sweep:.2f} ms = {100 * sweep / seconds:.2f}% of the step; "
-                    f"{100 * sum(outside) / len(outside):.0f}% of anchors start outside the batch"
+            notes = []
+            if name in sampler:
+                notes.append(
+                    f"sampler {1e3 * sampler[name]:.2f} ms = {100 * sampler[name] / seconds:.2f}% of the step"
                 )
-            if name == "emc2 exact":
-                fractions, states = reencoded["fraction"], reencoded["states"]
-                extra = (
-                    f"reencoded_fraction {sum(fractions) / len(fractions):.3f}; "
-                    f"{sum(states) / len(states):.1f} extra images per step (k)"
-                )
-            rows.append([batch_size, name, f"{1e3 * seconds:.1f}", f"{seconds / base:.3f}", extra])
+            report = reports.get(name, {})
+            if report.get("k") and max(report["k"]) > 0:
+                notes.append(f"{sum(report['k']) / len(report['k']):.1f} extra images per step (k)")
+            for key in ("reencoded_fraction", "start_sample_fraction", "outside_batch_sample_fraction"):
+                if report.get(key):
+                    notes.append(f"{key} {sum(report[key]) / len(report[key]):.3f}")
+            rows.append([batch_size, name, f"{1e3 * seconds:.1f}", f"{seconds / base:.3f}", "; ".join(notes)])
     print_table(
         f"Step time, {args.backbone} at {args.image_size} px on {device.type} (median of {args.repetitions})",
         ["b", "objective", "step (ms)", "ratio to plain InfoNCE", "EMC² sampler / re-encoding"],

@@ -7,16 +7,20 @@ import sys
 import torch
 import torch.distributed as dist
 
-from emc2_hf.objectives import build_objective
-from emc2_hf.training.distributed import gather_views
+from emc2_hf.objectives import OBJECTIVES, build_objective, states_to_encode
+from emc2_hf.training.distributed import gather_per_view, gather_rows, gather_views
 
 
 def objective_equivalence(output_dir: str) -> None:
-    """N processes × b images with gathered views == 1 process × Nb images: loss, gradient and per-sample state."""
+    """N processes × b images with gathered views == 1 process × Nb images: loss, gradient and per-sample state.
+
+    Every objective; for EMC² each process encodes the chain states its own anchors start from (as the collator
+    delivers them) and the states are gathered like the views."""
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
     report = {}
-    for name in ("emc2", "sogclr", "simclr"):
+    data = torch.randn(20, 2, 12, generator=torch.Generator().manual_seed(99))  # 20 images × 2 fixed views
+    for name in OBJECTIVES:
         torch.manual_seed(0)
         model = torch.nn.Linear(12, 6)
         reference_model = torch.nn.Linear(12, 6)
@@ -24,24 +28,53 @@ def objective_equivalence(output_dir: str) -> None:
         objective = build_objective(name, 20, 5.0, seed=1)
         reference_objective = build_objective(name, 20, 5.0, seed=1)
         checks = []
-        for step in range(3):
+        for step in range(4):
             generator = torch.Generator().manual_seed(step)
             num_images = 4 * size
-            views = torch.randn(2, num_images, 12, generator=generator)  # [view, image, features]
             indices = torch.randperm(20, generator=generator)[:num_images]
-            local = slice(rank * 4, (rank + 1) * 4)
+            local = indices[rank * 4 : (rank + 1) * 4]
 
-            embeddings, gathered_indices = gather_views(
-                model(torch.cat([views[0, local], views[1, local]])), indices[local]
-            )
-            loss = objective(embeddings, gathered_indices, step=step).loss
+            def encode(model, images, objective):
+                """Embeddings of the views (and the states the batch lacks) and the objective's arguments."""
+                keys = images.repeat(2)
+                slots = torch.arange(2).repeat_interleave(images.numel())
+                inputs = data[keys, slots]
+                arguments = {}
+                if objective.reencodes_chain_states:
+                    start_keys, start_views = objective.chain_starts(keys, slots)
+                    state_keys, state_views = states_to_encode(start_keys, start_views, keys, slots)
+                    inputs = torch.cat([inputs, data[state_keys, state_views]])
+                    arguments = {
+                        "state_keys": state_keys,
+                        "state_views": state_views,
+                        "start_keys": start_keys,
+                        "start_views": start_views,
+                    }
+                return model(inputs), arguments
+
+            embeddings, arguments = encode(model, local, objective)
+            views, gathered_indices = gather_views(embeddings[:8], local)
+            if arguments:
+                arguments = {
+                    "state_embeddings": gather_rows(embeddings[8:], differentiable=True),
+                    "state_keys": gather_rows(arguments["state_keys"]),
+                    "state_views": gather_rows(arguments["state_views"]),
+                    "start_keys": gather_per_view(arguments["start_keys"]),
+                    "start_views": gather_per_view(arguments["start_views"]),
+                }
+            loss = objective(views, gathered_indices, step=step, **arguments).loss
             model.zero_grad()
             loss.backward()
             for parameter in model.parameters():  # what DDP does
                 dist.all_reduce(parameter.grad)
                 parameter.grad /= size
 
-            reference_loss = reference_objective(reference_model(views.reshape(-1, 12)), indices, step=step).loss
+            reference_embeddings, reference_arguments = encode(reference_model, indices, reference_objective)
+            if reference_arguments:
+                reference_arguments["state_embeddings"] = reference_embeddings[2 * num_images :]
+            reference_loss = reference_objective(
+                reference_embeddings[: 2 * num_images], indices, step=step, **reference_arguments
+            ).loss
             reference_model.zero_grad()
             reference_loss.backward()
             checks.append(
@@ -126,7 +159,7 @@ def trainer_state(output_dir: str) -> None:
             {
                 "world_size": dist.get_world_size(),
                 "state_index": state.state_index.tolist(),
-                "state_log_score": state.state_log_score.tolist(),
+                "state_similarity": state.state_similarity.tolist(),
                 "probe_calls": CountingEvaluator.calls,
                 "metrics": metrics,
             },
@@ -182,7 +215,7 @@ def batch_free_run(output_dir: str) -> None:
     if int(os.environ["RANK"]) == 0:
         tensors = {f"model.{name}": value.detach().clone() for name, value in model.state_dict().items()}
         tensors["state_index"] = trainer.objective.chains.state_index.clone()
-        tensors["state_log_score"] = trainer.objective.chains.state_log_score.clone()
+        tensors["state_similarity"] = trainer.objective.chains.state_similarity.clone()
         save_file(tensors, os.path.join(output_dir, f"batch-free-{size}.safetensors"))
 
 

@@ -46,12 +46,12 @@ def test_trainer_keeps_identical_per_sample_state_on_every_process(tmp_path):
     ranks = [json.loads((tmp_path / f"trainer-rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["world_size"] == 2
     assert ranks[0]["state_index"] == ranks[1]["state_index"]
-    assert ranks[0]["state_log_score"] == ranks[1]["state_log_score"]
+    assert ranks[0]["state_similarity"] == ranks[1]["state_similarity"]
     # The probes ran on the main process only (at the last step and in evaluate()); both ranks report its numbers.
     assert ranks[0]["probe_calls"] == 2 and ranks[1]["probe_calls"] == 0
     assert ranks[0]["metrics"] == ranks[1]["metrics"] and "eval_knn_accuracy" in ranks[0]["metrics"]
-    # 3 steps × 2 processes × 4 images: 24 distinct images visited.
-    assert sum(index != -1 for index in ranks[0]["state_index"]) == 24
+    # 3 steps × 2 processes × 4 images: 24 distinct images visited, both views' chains each.
+    assert sum(index != -1 for row in ranks[0]["state_index"] for index in row) == 48
 
 
 @pytest.mark.slow
@@ -66,8 +66,8 @@ def test_two_processes_train_exactly_like_one_with_a_batch_free_encoder(tmp_path
     torchrun("batch_free", tmp_path, processes=2)
     single, double = (load_file(str(tmp_path / f"batch-free-{size}.safetensors")) for size in (1, 2))
     assert torch.equal(single["state_index"], double["state_index"])
-    assert (single["state_index"] != -1).sum() == 32  # 4 steps × 8 distinct images
-    torch.testing.assert_close(double["state_log_score"], single["state_log_score"], rtol=1e-4, atol=1e-4)
+    assert (single["state_index"] != -1).sum() == 64  # 4 steps × 8 distinct images × 2 views
+    torch.testing.assert_close(double["state_similarity"], single["state_similarity"], rtol=1e-4, atol=1e-4)
     for name in single:
         if name.startswith("model."):
             torch.testing.assert_close(double[name], single[name], rtol=0, atol=1e-6, msg=name)

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from emc2_hf.objectives import (
+    OBJECTIVES,
     EMC2Objective,
     SimCLRObjective,
     SogCLRObjective,
     build_objective,
     global_contrastive_loss,
-    pair_views,
     surrogate_loss,
+    two_view_problem,
     visit_frequency_weights,
 )
 from emc2_hf.sampling import OUTSIDE_BATCH, keyed_generator, metropolis_hastings_sweep, uniform_proposals
@@ -30,7 +31,7 @@ def test_surrogate_gradient_is_eq_11_computed_by_hand():
     beta, num_images, num_proposals, burn_in = 3.0, 4, 10, 4
     num_views = 2 * num_images
     embeddings = random_embeddings(num_views).requires_grad_(True)
-    pairs = pair_views(embeddings, torch.arange(num_images))
+    pairs = two_view_problem(embeddings, torch.arange(num_images))
     log_scores = beta * pairs.similarities.detach()
     # Half the chains start on a stale out-of-batch state with a high score, so some samples sit outside the batch.
     initial_column = torch.full((num_views,), OUTSIDE_BATCH)
@@ -90,7 +91,7 @@ def test_simclr_value_and_gradient_match_the_closed_form_info_nce():
 def test_every_objective_reports_the_batch_info_nce_as_its_value():
     embeddings = random_embeddings(8, seed=2)
     expected = info_nce_by_hand(embeddings, 4.0).item()
-    for name in ("emc2", "sogclr", "simclr"):
+    for name in OBJECTIVES:
         output = build_objective(name, num_samples=4, inverse_temperature=4.0)(embeddings, torch.arange(4))
         assert output.loss.item() == pytest.approx(expected, abs=1e-5), name
 
@@ -118,7 +119,7 @@ def test_sogclr_u_follows_its_moving_average_formula_and_weights_are_exp_over_u(
     batches = [[0, 1, 2], [2, 3, 4], [0, 4, 5], [1, 2, 3]]
     for step, batch in enumerate(batches):
         embeddings = random_embeddings(6, seed=10 + step)
-        pairs = pair_views(embeddings, torch.tensor(batch))
+        pairs = two_view_problem(embeddings, torch.tensor(batch))
         used = sogclr_reference_step(reference, embeddings, batch, beta, gamma)
         weights, _ = objective.negative_weights(pairs, keyed_generator(0))
         for anchor in range(6):
@@ -148,7 +149,7 @@ def test_sogclr_does_not_overflow_at_beta_50():
     assert torch.allclose(
         objective.moving_average.log_u.double(), torch.stack([reference[i] for i in range(4)]).log(), rtol=1e-5
     )
-    weights, _ = objective.negative_weights(pair_views(embeddings, torch.arange(4)), keyed_generator(0))
+    weights, _ = objective.negative_weights(two_view_problem(embeddings, torch.arange(4)), keyed_generator(0))
     assert torch.isfinite(weights).all()
 
 
@@ -158,7 +159,7 @@ def test_emc2_draws_are_reproducible_from_seed_and_step():
     def weights_at(step: int, seed: int = 0) -> torch.Tensor:
         objective = EMC2Objective(8, 5.0, seed=seed)
         return objective.negative_weights(
-            pair_views(embeddings, torch.arange(8)), keyed_generator(seed, "emc2", step)
+            two_view_problem(embeddings, torch.arange(8)), keyed_generator(seed, "emc2", step)
         )[0]
 
     assert torch.equal(weights_at(3), weights_at(3))
@@ -168,7 +169,7 @@ def test_emc2_draws_are_reproducible_from_seed_and_step():
 
 def test_objectives_compute_in_float32_under_bfloat16_embeddings():
     embeddings = random_embeddings(8, seed=5).bfloat16().requires_grad_(True)
-    for name in ("emc2", "sogclr", "simclr"):
+    for name in OBJECTIVES:
         objective = build_objective(name, num_samples=4, inverse_temperature=14.28)
         output = objective(embeddings, torch.arange(4))
         assert output.loss.dtype == torch.float32
@@ -177,7 +178,7 @@ def test_objectives_compute_in_float32_under_bfloat16_embeddings():
         embeddings.grad = None
     emc2 = build_objective("emc2", num_samples=4, inverse_temperature=14.28)
     emc2(embeddings, torch.arange(4))
-    assert emc2.chains.state_log_score.dtype == torch.float32
+    assert emc2.chains.state_similarity.dtype == torch.float32
 
 
 def brute_force_global_loss(features: torch.Tensor, beta: float) -> torch.Tensor:
@@ -216,7 +217,7 @@ def test_surrogate_with_exact_softmax_weights_has_the_gradient_of_the_global_los
     num_images, beta = 6, 3.0
     features = torch.randn(num_images, 2, 5, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     embeddings = torch.cat([features[:, 0], features[:, 1]])
-    pairs = pair_views(embeddings, torch.arange(num_images))
+    pairs = two_view_problem(embeddings, torch.arange(num_images))
     exact = (beta * pairs.similarities.detach()).masked_fill(~pairs.negative_mask, -math.inf).softmax(dim=1)
     (gradient,) = torch.autograd.grad(
         surrogate_loss(pairs.similarities, pairs.positive_columns, exact, beta), features
@@ -238,9 +239,10 @@ def test_global_contrastive_loss_fits_two_thousand_images():
         ({"name": "emc2", "inverse_temperature": 0.0}, "inverse_temperature must be > 0"),
         ({"name": "emc2", "inverse_temperature": 5.0, "num_proposals": 4, "burn_in": 4}, "burn_in"),
         ({"name": "emc2", "inverse_temperature": 5.0, "num_proposals": 0}, "num_proposals"),
-        ({"name": "sogclr", "inverse_temperature": 5.0, "sogclr_gamma": 0.0}, "sogclr_gamma"),
+        ({"name": "sogclr", "inverse_temperature": 5.0, "gamma": 0.0}, "sogclr_gamma"),
         ({"name": "moco", "inverse_temperature": 5.0}, "unknown objective 'moco'"),
-        ({"name": "sogclr", "inverse_temperature": 5.0, "exact": True}, "emc2 objective only"),
+        ({"name": "sogclr", "inverse_temperature": 5.0, "num_proposals": 4}, r"--num_proposals applies to .*'emc2'"),
+        ({"name": "simclr", "inverse_temperature": 5.0, "gamma": 0.5}, r"--sogclr_gamma applies to .*'sogclr'"),
     ],
 )
 def test_bad_hyper_parameters_are_rejected_with_their_name(kwargs, message):
@@ -250,11 +252,34 @@ def test_bad_hyper_parameters_are_rejected_with_their_name(kwargs, message):
 
 def test_default_burn_in_larger_than_the_batch_allows_is_explained():
     objective = EMC2Objective(4, 5.0, burn_in=10)
-    with pytest.raises(ValueError, match="lower burn_in or raise the batch size"):
+    with pytest.raises(ValueError, match="lower --burn_in, set --num_proposals, or raise the batch size"):
         objective(random_embeddings(8), torch.arange(4))
+    with pytest.raises(ValueError, match=r"2b − 2 = 6 for a batch of b = 4"):
+        objective.validate_batch_size(4)  # what the trainer checks before any work
+    objective.validate_batch_size(8)
 
 
 def test_a_batch_of_one_image_has_no_negatives():
-    for name in ("emc2", "sogclr", "simclr"):
+    for name in OBJECTIVES:
         with pytest.raises(ValueError, match="at least 2 images per batch"):
             build_objective(name, num_samples=4, inverse_temperature=5.0)(random_embeddings(2), torch.tensor([0]))
+
+
+def test_objective_variants_are_named_by_a_spec_string():
+    from emc2_hf.objectives import parse_objective_spec
+
+    assert parse_objective_spec("emc2") == ("emc2", {})
+    name, options = parse_objective_spec("emc2:weighting=samples,chain_fraction=0.5,num_proposals=10")
+    assert name == "emc2" and options == {"weighting": "samples", "chain_fraction": 0.5, "num_proposals": 10}
+    objective = build_objective(name, 8, 5.0, **options)
+    assert objective.get_config_dict()["weighting"] == "samples" and objective.chain_fraction == 0.5
+    with pytest.raises(ValueError, match="unknown objective 'moco'"):
+        parse_objective_spec("moco:x=1")
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_objective_spec("emc2:weighting")
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        build_objective("emc2_in_batch", 8, 5.0, weighting="conditional")  # needs the start in the candidate set
+    with pytest.raises(ValueError, match="chain_fraction applies to the emc2 objective"):
+        build_objective("emc2_in_batch", 8, 5.0, chain_fraction=0.5)
+    with pytest.raises(ValueError, match=r"--emc2_chain_fraction applies to .*'emc2'"):
+        build_objective("simclr", 8, 5.0, chain_fraction=0.5)

@@ -54,7 +54,7 @@ class RecordLogs(TrainerCallback):
         self.logs.append(dict(logs or {}))
 
 
-@pytest.mark.parametrize("objective", ["emc2", "sogclr", "simclr"])
+@pytest.mark.parametrize("objective", ["emc2", "emc2_in_batch", "sogclr", "simclr", "dcl"])
 def test_each_objective_trains_and_logs(tmp_path, digits, objective):
     records = RecordLogs()
     train = digits["train"].select(range(48))
@@ -71,11 +71,12 @@ def test_each_objective_trains_and_logs(tmp_path, digits, objective):
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.model.parameters(), strict=False))
     loss_logs = [log for log in records.logs if "loss" in log]
     assert len(loss_logs) == 2
-    if objective == "emc2":
+    if objective.startswith("emc2"):
         assert all(0.0 < log["acceptance_rate"] <= 1.0 for log in loss_logs)
-        assert all(0.0 <= log["outside_batch_sample_fraction"] <= 1.0 for log in loss_logs)
+        fraction = "reencoded_fraction" if objective == "emc2" else "outside_batch_sample_fraction"
+        assert all(0.0 <= log[fraction] <= 1.0 for log in loss_logs)
         visited = trainer.objective.chains.state_index != -1
-        assert visited.sum().item() == 4 * 8  # 4 steps × 8 distinct images (48 rows, no epoch wrap)
+        assert visited.sum().item() == 4 * 8 * 2  # 4 steps × 8 distinct images × 2 views (48 rows, no epoch wrap)
     if objective == "sogclr":
         assert trainer.objective.moving_average.initialised.sum().item() == 32
 
@@ -103,7 +104,7 @@ def test_checkpoint_resumes_the_per_sample_state_exactly(tmp_path, digits):
     trainer.train()
     checkpoint = os.path.join(tmp_path, "checkpoint-2")
     saved = load_file(os.path.join(checkpoint, PER_SAMPLE_STATE_NAME))
-    assert set(saved) == {"chains.state_index", "chains.state_log_score"}
+    assert set(saved) == {"chains.state_index", "chains.state_view", "chains.state_similarity"}
     for name, value in capture.states[2].items():
         assert torch.equal(saved[name], value), name
     assert not torch.equal(capture.states[2]["chains.state_index"], capture.states[4]["chains.state_index"])
@@ -142,7 +143,7 @@ def test_checkpoint_resumes_the_per_sample_state_exactly(tmp_path, digits):
         train_dataset=train.select(range(30)),
         data_collator=collator(),
     )
-    with pytest.raises(ValueError, match="training set it was written for"):
+    with pytest.raises(ValueError, match="training set and with the number of fixed augmentations it was written for"):
         smaller.train(resume_from_checkpoint=checkpoint)
 
 
@@ -230,6 +231,25 @@ def test_bad_training_arguments_name_the_flag(tmp_path, overrides, message):
         arguments(tmp_path, **overrides)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "rows", "message"),
+    [
+        ({"burn_in": 100}, 40, r"burn_in \(P = 100\).*2b − 2 = 14 for a batch of b = 8"),
+        ({"per_device_train_batch_size": 64}, 48, "the training set has 48 rows but one step takes 64 images"),
+        ({"objective": "simclr", "num_proposals": 10}, 40, r"--num_proposals applies to"),
+    ],
+)
+def test_flag_combinations_that_cannot_train_are_refused_before_any_work(tmp_path, digits, overrides, rows, message):
+    # Caught when the trainer is built: before data loading, probes or the first step (which would be too late).
+    with pytest.raises(ValueError, match=message):
+        ContrastiveTrainer(
+            model=tiny_encoder(),
+            args=arguments(tmp_path, **overrides),
+            train_dataset=digits["train"].select(range(rows)),
+            data_collator=collator(),
+        )
+
+
 def test_trained_encoder_round_trips_with_from_pretrained(tmp_path, digits):
     trainer = ContrastiveTrainer(
         model=tiny_encoder(),
@@ -258,7 +278,7 @@ def test_plain_torch_datasets_get_indices(tmp_path, digits):
         model=tiny_encoder(), args=arguments(tmp_path, max_steps=1), train_dataset=rows, data_collator=collator()
     )
     trainer.train()
-    assert (trainer.objective.chains.state_index != -1).sum().item() == 8
+    assert (trainer.objective.chains.state_index != -1).sum().item() == 16  # 8 images × 2 views
     assert isinstance(datasets.Dataset, type)
 
 
@@ -289,3 +309,42 @@ def test_an_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, d
         assert torch.equal(a, b), name
     for name, value in uninterrupted.objective.state_dict().items():
         assert torch.equal(value, resumed.objective.state_dict()[name]), name
+
+
+def test_global_loss_steps_logs_the_exact_loss_with_fixed_augmentations(tmp_path, digits):
+    from emc2_hf.evaluation import global_loss_and_gradient
+
+    train = digits["train"].select(range(24))
+    fixed = ContrastiveCollator(
+        augmentation=SimCLRAugmentation(image_size=16, crop_scale=(0.5, 1.0)), num_augmentations=2
+    )
+    trainer = ContrastiveTrainer(
+        model=tiny_encoder(),
+        args=arguments(tmp_path, max_steps=4, logging_steps=1, global_loss_steps=2),
+        train_dataset=train,
+        data_collator=fixed,
+    )
+    trainer.train()
+    logged = [log for log in trainer.state.log_history if "global_loss" in log]
+    assert [log["step"] for log in logged][-2:] == [2, 4]
+    # The last value is the exact loss of the final model over the 24 images × 2 fixed augmentations.
+    from emc2_hf.data import decode_image
+
+    views = torch.stack(
+        [
+            torch.stack(
+                [fixed.render(decode_image(train[i]["image"]), fixed.fixed_augmentation_key(i, k)) for k in (0, 1)]
+            )
+            for i in range(24)
+        ]
+    )
+    direct = global_loss_and_gradient(trainer.model, views, trainer.args.inverse_temperature)
+    assert logged[-1]["global_loss"] == pytest.approx(direct.loss, rel=1e-5)
+    assert logged[-1]["global_gradient_norm_squared"] == pytest.approx(direct.gradient_norm_squared, rel=1e-4)
+    with pytest.raises(ValueError, match="--global_loss_steps needs a finite dataset of fixed augmentations"):
+        ContrastiveTrainer(
+            model=tiny_encoder(),
+            args=arguments(tmp_path, global_loss_steps=2),
+            train_dataset=train,
+            data_collator=collator(),
+        )

@@ -1,6 +1,13 @@
-"""Evaluation of frozen features: linear probe, 1-NN and their few-shot versions."""
+"""Evaluation: probes of frozen features (linear, 1-NN, few-shot) and exact global-loss diagnostics."""
 
 from .callbacks import KNNMonitorCallback, ProbeCallback
+from .diagnostics import (
+    GlobalDiagnostics,
+    GlobalLossCallback,
+    check_diagnostics_size,
+    fixed_views,
+    global_loss_and_gradient,
+)
 from .probes import (
     ProbeEvaluator,
     extract_features,
@@ -12,12 +19,17 @@ from .probes import (
 )
 
 __all__ = [
+    "GlobalDiagnostics",
+    "GlobalLossCallback",
     "KNNMonitorCallback",
     "ProbeCallback",
     "ProbeEvaluator",
+    "check_diagnostics_size",
     "extract_features",
     "few_shot_accuracies",
     "few_shot_indices",
+    "fixed_views",
+    "global_loss_and_gradient",
     "knn_accuracy",
     "linear_probe_accuracy",
     "probe_metrics",

@@ -1,61 +1,107 @@
-"""Contrastive objectives: one module each, sharing the surrogate of eq. (11)."""
+"""Contrastive objectives: one module each, sharing the surrogate of eq. (11), and their registry."""
 
 from __future__ import annotations
 
-from .emc2 import EMC2Objective, visit_frequency_weights
+import inspect
+from typing import Any
+
+from .dcl import DecoupledInfoNCEObjective
+from .emc2 import EMC2InBatchObjective, EMC2Objective, visit_frequency_weights
 from .global_loss import global_contrastive_loss
+from .problem import NO_STATE, ContrastiveProblem, states_to_encode, two_view_problem
 from .simclr import SimCLRObjective
 from .sogclr import SogCLRObjective
 from .surrogate import ContrastiveObjective, ObjectiveOutput, info_nce_loss, surrogate_loss
-from .views import ViewPairs, pair_views
 
 OBJECTIVES: dict[str, type[ContrastiveObjective]] = {
-    "emc2": EMC2Objective,
-    "simclr": SimCLRObjective,
-    "sogclr": SogCLRObjective,
+    objective.name: objective
+    for objective in (
+        EMC2Objective,
+        EMC2InBatchObjective,
+        SogCLRObjective,
+        SimCLRObjective,
+        DecoupledInfoNCEObjective,
+    )
+}
+"""Every objective by its ``--objective`` name."""
+
+_OPTION_FLAGS = {
+    "num_proposals": "--num_proposals",
+    "burn_in": "--burn_in",
+    "gamma": "--sogclr_gamma",
+    "weighting": "--emc2_weighting",
+    "chain_fraction": "--emc2_chain_fraction",
 }
 
 
 def build_objective(
-    name: str,
-    num_samples: int,
-    inverse_temperature: float,
-    *,
-    num_proposals: int | None = None,
-    burn_in: int | None = None,
-    sogclr_gamma: float = 0.9,
-    seed: int = 0,
-    exact: bool = False,
+    name: str, num_samples: int, inverse_temperature: float, *, seed: int = 0, **options: Any
 ) -> ContrastiveObjective:
-    """Construct the objective called ``name`` ("emc2", "simclr" or "sogclr") for a training set of ``num_samples``.
+    """Construct the objective called ``name`` (a key of :data:`OBJECTIVES`) for a training set of ``num_samples``.
 
-    ``exact`` selects EMC²'s exact mode (re-encoded chain states); it is refused for the other objectives.
+    ``options`` are the objective's own hyper-parameters (``num_proposals``, ``burn_in``, ``num_slots`` for EMC²;
+    ``gamma`` for SogCLR); ``None`` means the objective's default. Setting one the objective does not take is an
+    error naming the objectives that do.
     """
-    if exact and name != "emc2":
-        raise ValueError(f"exact mode (re-encoded chain states) exists for the emc2 objective only, not {name!r}")
-    if name == "emc2":
-        return EMC2Objective(
-            num_samples, inverse_temperature, num_proposals=num_proposals, burn_in=burn_in, seed=seed, exact=exact
-        )
-    if name == "sogclr":
-        return SogCLRObjective(num_samples, inverse_temperature, gamma=sogclr_gamma, seed=seed)
-    if name == "simclr":
-        return SimCLRObjective(inverse_temperature, seed=seed)
-    raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
+    objective_class = OBJECTIVES[name]
+    accepted = set(inspect.signature(objective_class.__init__).parameters)
+    given = {key: value for key, value in options.items() if value is not None}
+    for key in given:
+        if key not in accepted and key != "num_slots":
+            takers = sorted(n for n, c in OBJECTIVES.items() if key in inspect.signature(c.__init__).parameters)
+            flag = _OPTION_FLAGS.get(key, key)
+            raise ValueError(f"{flag} applies to the objective(s) {takers}, not {name!r}")
+    kwargs = {key: value for key, value in given.items() if key in accepted}
+    if "num_samples" in accepted:
+        kwargs["num_samples"] = num_samples
+    return objective_class(inverse_temperature=inverse_temperature, seed=seed, **kwargs)
+
+
+def parse_objective_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"emc2:weighting=samples,chain_fraction=0.5"`` → ``("emc2", {"weighting": "samples", "chain_fraction": 0.5})``.
+
+    A registry name, optionally followed by ``:`` and comma-separated ``option=value`` pairs for
+    :func:`build_objective` (numbers are parsed as numbers). Unknown names raise a ``ValueError`` listing the
+    registry.
+    """
+    name, _, options_text = spec.partition(":")
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r} in {spec!r}; choose one of {sorted(OBJECTIVES)}")
+    options: dict[str, Any] = {}
+    for item in filter(None, options_text.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise ValueError(f"objective option {item!r} in {spec!r} is not key=value")
+        for convert in (int, float):
+            try:
+                options[key] = convert(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key] = value
+    return name, options
 
 
 __all__ = [
+    "NO_STATE",
     "OBJECTIVES",
     "ContrastiveObjective",
+    "ContrastiveProblem",
+    "DecoupledInfoNCEObjective",
+    "EMC2InBatchObjective",
     "EMC2Objective",
     "ObjectiveOutput",
     "SimCLRObjective",
     "SogCLRObjective",
-    "ViewPairs",
     "build_objective",
     "global_contrastive_loss",
     "info_nce_loss",
-    "pair_views",
+    "parse_objective_spec",
+    "states_to_encode",
     "surrogate_loss",
+    "two_view_problem",
     "visit_frequency_weights",
 ]

@@ -12,13 +12,14 @@ only in :meth:`ContrastiveObjective.negative_weights`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..sampling.random import keyed_generator
-from .views import ViewPairs, pair_views
+from .problem import ContrastiveProblem, two_view_problem
 
 
 def surrogate_loss(
@@ -41,15 +42,24 @@ def surrogate_loss(
 
 
 def info_nce_loss(
-    similarities: torch.Tensor, positive_columns: torch.Tensor, inverse_temperature: float
+    similarities: torch.Tensor,
+    positive_columns: torch.Tensor,
+    inverse_temperature: float,
+    denominator_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """NT-Xent (SimCLR's InfoNCE, eq. (2)): ``mean_a [−β s(a, p(a)) + log Σ_{c ≠ a} exp(β s(a, c))]``.
+    """InfoNCE (eq. (2)): ``mean_a [−β s(a, p(a)) + log Σ_{c ∈ D(a)} exp(β s(a, c))]``.
 
-    ``similarities`` is ``[2b, 2b]`` over the views themselves, so the diagonal (self) is excluded.
+    Args:
+        similarities: ``FloatTensor[A, C]``.
+        positive_columns: ``LongTensor[A]``.
+        inverse_temperature: ``β``.
+        denominator_mask: ``BoolTensor[A, C]``, the columns ``D(a)`` of each anchor's denominator (negatives and
+            positive). Default: every column but the diagonal — SimCLR's NT-Xent over ``[2b, 2b]`` view similarities.
     """
     logits = inverse_temperature * similarities.float()
-    self_mask = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
-    return F.cross_entropy(logits.masked_fill(self_mask, float("-inf")), positive_columns)
+    if denominator_mask is None:
+        denominator_mask = ~torch.eye(logits.shape[0], logits.shape[1], dtype=torch.bool, device=logits.device)
+    return F.cross_entropy(logits.masked_fill(~denominator_mask, float("-inf")), positive_columns)
 
 
 @dataclass
@@ -58,7 +68,8 @@ class ObjectiveOutput:
 
     Attributes:
         loss: scalar whose **gradient** is the objective's stochastic gradient (eq. (11)) and whose **value** is the
-            batch's NT-Xent, the same quantity for every objective so training curves compare across objectives.
+            batch's InfoNCE (NT-Xent), the same quantity for every objective so training curves compare across
+            objectives.
         metrics: detached scalars to log (e.g. EMC²'s acceptance rate).
     """
 
@@ -67,20 +78,22 @@ class ObjectiveOutput:
 
 
 class ContrastiveObjective(nn.Module):
-    """Base class: pairs the views, asks the subclass for negative weights, returns the surrogate.
+    """Base class: takes a :class:`ContrastiveProblem`, asks the subclass for negative weights, returns the surrogate.
 
-    Subclasses implement :meth:`negative_weights` and set ``name`` and ``citation``. Per-sample state (if any) lives in
-    buffers, so it follows ``.to(device)`` and is saved by ``state_dict()``.
+    Subclasses implement :meth:`negative_weights` and set ``name``, ``title`` and ``citation``. Per-sample state (if
+    any) lives in buffers, so it follows ``.to(device)`` and is saved by ``state_dict()``.
 
     Args:
         inverse_temperature: ``β > 0`` (``1/τ``; the paper uses 14.28 at b = 32 and 5 at b = 256 on STL-10).
         seed: key of the random numbers; step ``t`` draws from a generator seeded by ``(seed, name, t, micro_step)``.
     """
 
-    name: str = "contrastive"
-    citation: str = ""
-    accepts_extra_candidates: bool = False
-    """Whether :meth:`forward` takes ``extra_embeddings`` (only EMC²'s exact mode uses them)."""
+    name: ClassVar[str] = "contrastive"
+    title: ClassVar[str] = "contrastive objective"
+    """How the model card names the objective."""
+    citation: ClassVar[str] = ""
+    reencodes_chain_states: ClassVar[bool] = False
+    """Whether the caller must encode the chain states the batch does not contain (EMC²)."""
 
     def __init__(self, inverse_temperature: float, seed: int = 0) -> None:
         super().__init__()
@@ -90,46 +103,60 @@ class ContrastiveObjective(nn.Module):
         self.seed = int(seed)
 
     def negative_weights(
-        self, pairs: ViewPairs, generator: torch.Generator
+        self, problem: ContrastiveProblem, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return detached weights ``FloatTensor[2b, 2b + k]`` over each anchor's candidates and metrics to log."""
+        """Return detached weights ``FloatTensor[A, C]`` over each anchor's candidates and metrics to log."""
         raise NotImplementedError
+
+    def validate_batch_size(self, num_images: int) -> None:
+        """Raise a ``ValueError`` naming the fix if a global batch of ``num_images`` images cannot be trained on."""
+        if num_images < 2:
+            raise ValueError(
+                f"a global batch of {num_images} image leaves its anchors without negatives; contrastive training "
+                "needs at least 2 images per batch"
+            )
 
     def forward(
         self,
-        embeddings: torch.Tensor,
-        dataset_indices: torch.Tensor,
+        problem: ContrastiveProblem | torch.Tensor,
+        dataset_indices: torch.Tensor | None = None,
         step: int = 0,
         micro_step: int = 0,
-        extra_embeddings: torch.Tensor | None = None,
-        extra_dataset_indices: torch.Tensor | None = None,
+        **two_view_arguments: Any,
     ) -> ObjectiveOutput:
-        """Evaluate the objective on ``embeddings: [2b, d]`` (view 1 of each image, then view 2).
+        """Evaluate the objective on a problem, or on ``embeddings: [2b, d]`` (view 1 of each image, then view 2).
 
         Args:
-            embeddings: projected features of the ``2b`` views, any float dtype.
-            dataset_indices: ``LongTensor[b]``, dataset index of each image.
+            problem: a :class:`ContrastiveProblem`, or the projected features of the ``2b`` views (any float dtype),
+                turned into one by :func:`~emc2_hf.objectives.two_view_problem` with ``dataset_indices`` and
+                ``two_view_arguments`` (view keys, state columns).
+            dataset_indices: ``LongTensor[b]``, dataset index of each image (with embeddings).
             step: global optimisation step (keys the random numbers).
             micro_step: index of the micro-batch within a step under gradient accumulation.
-            extra_embeddings: optional ``[k, d]``, more candidates (other training images) appended after the views;
-                only objectives with ``accepts_extra_candidates`` take them (EMC²'s exact mode).
-            extra_dataset_indices: ``LongTensor[k]``, the dataset indices of ``extra_embeddings``.
         """
-        if extra_embeddings is not None and not self.accepts_extra_candidates:
-            raise ValueError(
-                f"the {self.name} objective takes no extra_embeddings (only EMC2Objective(exact=True) does)"
-            )
-        pairs = pair_views(embeddings, dataset_indices, extra_embeddings, extra_dataset_indices)
-        generator = keyed_generator(self.seed, self.name, step, micro_step, device=embeddings.device)
-        weights, metrics = self.negative_weights(pairs, generator)
-        surrogate = surrogate_loss(pairs.similarities, pairs.positive_columns, weights, self.inverse_temperature)
+        if not isinstance(problem, ContrastiveProblem):
+            if dataset_indices is None:
+                raise ValueError("pass dataset_indices with the embeddings (or a ContrastiveProblem)")
+            problem = two_view_problem(problem, dataset_indices, **two_view_arguments)
+        elif dataset_indices is not None or two_view_arguments:
+            raise ValueError("a ContrastiveProblem carries its own keys; pass no dataset_indices or view arguments")
+        generator = keyed_generator(self.seed, self.name, step, micro_step, device=problem.similarities.device)
+        weights, metrics = self.negative_weights(problem, generator)
+        surrogate = surrogate_loss(problem.similarities, problem.positive_columns, weights, self.inverse_temperature)
         with torch.no_grad():
-            in_batch = pairs.similarities[:, : pairs.num_views]
-            reported = info_nce_loss(in_batch, pairs.positive_columns, self.inverse_temperature)
+            reported = info_nce_loss(
+                problem.batch_similarities, problem.positive_columns, self.inverse_temperature, problem.info_nce_mask
+            )
+        if problem.num_duplicates_dropped:
+            metrics["duplicate_images_dropped"] = torch.tensor(float(problem.num_duplicates_dropped))
         return ObjectiveOutput(loss=surrogate + (reported - surrogate).detach(), metrics=metrics)
 
     def get_config_dict(self) -> dict[str, float | int | str]:
         return {"objective": self.name, "inverse_temperature": self.inverse_temperature}
+
+    def card_settings(self, global_batch_size: int) -> dict[str, float | int | str]:
+        """The hyper-parameters as numbers for a global batch of ``global_batch_size`` images (for the model card)."""
+        return {key: value for key, value in self.get_config_dict().items() if key != "objective"}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value}" for key, value in self.get_config_dict().items() if key != "objective")

@@ -4,13 +4,15 @@ from .metropolis_hastings import (
     OUTSIDE_BATCH,
     SweepResult,
     metropolis_hastings_sweep,
-    proposals_with_start,
+    one_candidate_per_example,
     uniform_proposals,
+    uniform_proposals_from_lists,
 )
-from .random import keyed_generator, keyed_seed
+from .random import chain_selection, keyed_generator, keyed_seed
 from .sample_state import (
     EMPTY_STATE,
     PER_SAMPLE_STATE_NAME,
+    ChainStateTable,
     MarkovChainState,
     MovingAverageState,
     load_per_sample_state,
@@ -21,14 +23,17 @@ __all__ = [
     "EMPTY_STATE",
     "OUTSIDE_BATCH",
     "PER_SAMPLE_STATE_NAME",
+    "ChainStateTable",
     "MarkovChainState",
     "MovingAverageState",
     "SweepResult",
+    "chain_selection",
     "keyed_generator",
     "keyed_seed",
     "load_per_sample_state",
     "metropolis_hastings_sweep",
-    "proposals_with_start",
+    "one_candidate_per_example",
     "save_per_sample_state",
     "uniform_proposals",
+    "uniform_proposals_from_lists",
 ]

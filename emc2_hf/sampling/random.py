@@ -21,3 +21,20 @@ def keyed_generator(*keys: int | str, device: torch.device | str = "cpu") -> tor
     generator = torch.Generator(device=device)
     generator.manual_seed(keyed_seed(*keys))
     return generator
+
+
+def chain_selection(
+    seed: int, epoch: int, dataset_indices: torch.Tensor, slots: torch.Tensor, fraction: float
+) -> torch.Tensor:
+    """``BoolTensor[A]``: which chains ``(dataset index, slot)`` run in ``epoch``, each with probability ``fraction``.
+
+    Keyed by ``(seed, epoch, index, slot)`` only, so the choice is independent of the batch and of the chain's state
+    (EMC²'s ``chain_fraction`` stays unbiased), and the collator and the objective's caller agree on it.
+    """
+    if fraction >= 1.0:
+        return torch.ones(dataset_indices.shape, dtype=torch.bool)
+    draws = [
+        keyed_seed(seed, "chain", epoch, int(index), int(slot)) / float(1 << 63)
+        for index, slot in zip(dataset_indices.tolist(), slots.tolist(), strict=True)
+    ]
+    return torch.tensor(draws, dtype=torch.float64) < fraction

@@ -1,11 +1,14 @@
 """Per-sample state kept across steps, one entry per training example (O(m) memory), and its checkpointing.
 
-* :class:`MarkovChainState`: EMC²'s chain per dataset index: the dataset index of the chain's current negative and
-  its log-score ``β·s`` (12 bytes per example).
+* :class:`MarkovChainState`: EMC²'s chains, ``V`` per dataset index (one per view slot of the example): the dataset
+  index of the chain's current negative, the view key that re-creates exactly that negative, and its similarity
+  ``s`` when last scored (20 bytes per chain, ``20 V`` per example).
 * :class:`MovingAverageState`: SogCLR's moving average ``u`` per dataset index, kept as ``log u`` (5 bytes per
   example) so it never overflows.
+* :class:`ChainStateTable`: a CPU shared-memory copy of the chains' states that DataLoader workers read, so the
+  collator can deliver each batch's chain-state images with the batch.
 
-Both are ``nn.Module`` buffers: they follow the objective to the features' device and appear in its
+Both states are ``nn.Module`` buffers: they follow the objective to the features' device and appear in its
 ``state_dict()``, which :func:`save_per_sample_state` writes as safetensors into every checkpoint.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -23,23 +27,97 @@ EMPTY_STATE = -1
 
 
 class MarkovChainState(nn.Module):
-    """One Metropolis–Hastings chain per training example.
+    """``V`` Metropolis–Hastings chains per training example, one per state slot (view) of the example.
 
     Buffers:
-        state_index: ``LongTensor[m]``, dataset index of the chain's current negative (``EMPTY_STATE`` before the
+        state_index: ``LongTensor[m, V]``, dataset index of each chain's current negative (``EMPTY_STATE`` before the
             first acceptance).
-        state_log_score: ``FloatTensor[m]``, ``β·s(anchor, state)`` when the state was last scored (``-inf`` when
-            empty).
+        state_view: ``LongTensor[m, V]``, the view key of that negative (what re-creates it: an augmentation seed or
+            a fixed augmentation's index).
+        state_similarity: ``FloatTensor[m, V]``, the similarity ``s(anchor, state)`` when the state was last scored
+            (``-inf`` when empty). The similarity, not ``β·s``, so it stays meaningful if β changes.
     """
 
-    def __init__(self, num_samples: int) -> None:
+    def __init__(self, num_samples: int, num_slots: int = 2) -> None:
         super().__init__()
-        self.register_buffer("state_index", torch.full((num_samples,), EMPTY_STATE, dtype=torch.long))
-        self.register_buffer("state_log_score", torch.full((num_samples,), float("-inf"), dtype=torch.float32))
+        if num_samples < 1 or num_slots < 1:
+            raise ValueError(
+                f"MarkovChainState needs num_samples >= 1 and num_slots >= 1, got {num_samples, num_slots}"
+            )
+        shape = (num_samples, num_slots)
+        self.register_buffer("state_index", torch.full(shape, EMPTY_STATE, dtype=torch.long))
+        self.register_buffer("state_view", torch.full(shape, EMPTY_STATE, dtype=torch.long))
+        self.register_buffer("state_similarity", torch.full(shape, float("-inf"), dtype=torch.float32))
 
     @property
     def num_samples(self) -> int:
-        return self.state_index.numel()
+        return self.state_index.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.state_index.shape[1]
+
+    @property
+    def bytes_per_example(self) -> int:
+        return sum(buffer.element_size() * buffer.shape[1] for buffer in self.buffers())
+
+    def read(self, keys: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(state_index, state_view, state_similarity)`` of the chains ``(keys[a], slots[a])``, each ``[A]``."""
+        self._check_slots(slots)
+        return self.state_index[keys, slots], self.state_view[keys, slots], self.state_similarity[keys, slots]
+
+    def write(
+        self,
+        keys: torch.Tensor,
+        slots: torch.Tensor,
+        index: torch.Tensor,
+        view: torch.Tensor,
+        similarity: torch.Tensor,
+    ) -> None:
+        """Set the chains ``(keys[a], slots[a])`` to ``(index[a], view[a], similarity[a])``."""
+        self._check_slots(slots)
+        self.state_index[keys, slots] = index
+        self.state_view[keys, slots] = view
+        self.state_similarity[keys, slots] = similarity.float()
+
+    def _check_slots(self, slots: torch.Tensor) -> None:
+        if slots.numel() and int(slots.max()) >= self.num_slots:
+            raise ValueError(
+                f"state slot {int(slots.max())} does not exist: the chains keep {self.num_slots} slot(s) per example "
+                "(num_slots: 2 for two fresh views, A for A fixed augmentations)"
+            )
+
+
+class ChainStateTable:
+    """The chains' ``state_index`` and ``state_view`` in CPU shared memory, for DataLoader workers to read.
+
+    The objective's buffers may live on a GPU; the collator runs in worker processes. The trainer writes the rows of
+    a batch's examples after every step (:meth:`update`); a worker reads the rows of the batch it collates
+    (:meth:`read`). An example's chains change only when it is in a batch — once per epoch under an epoch-wise
+    shuffle — so a prefetched batch reads current states (and a stale read is still a valid start, see
+    :class:`~emc2_hf.objectives.EMC2Objective`). Pickling keeps the shared memory (workers started by fork or
+    spawn see the same tensors).
+    """
+
+    def __init__(self, chains: MarkovChainState) -> None:
+        self.state_index = chains.state_index.detach().cpu().clone().share_memory_()
+        self.state_view = chains.state_view.detach().cpu().clone().share_memory_()
+
+    def refresh(self, chains: MarkovChainState) -> None:
+        """Copy every chain (e.g. after a checkpoint was loaded)."""
+        self.state_index.copy_(chains.state_index.detach().cpu())
+        self.state_view.copy_(chains.state_view.detach().cpu())
+
+    def update(self, chains: MarkovChainState, keys: torch.Tensor) -> None:
+        """Copy the chains of the examples ``keys`` (all their slots)."""
+        keys = keys.to(chains.state_index.device)
+        rows = keys.cpu()
+        self.state_index[rows] = chains.state_index[keys].cpu()
+        self.state_view[rows] = chains.state_view[keys].cpu()
+
+    def read(self, keys: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(state_index [A], state_view [A])`` of the chains ``(keys[a], slots[a])``."""
+        return self.state_index[keys, slots].clone(), self.state_view[keys, slots].clone()
 
 
 class MovingAverageState(nn.Module):
@@ -91,7 +169,13 @@ def load_per_sample_state(module: nn.Module, directory: str | os.PathLike) -> bo
             f"{path} not found: this checkpoint holds no per-sample state for {type(module).__name__}. It was written "
             "by another objective or by a plain Trainer; resume with the objective that wrote it."
         )
-    saved = load_file(path)
+    try:
+        saved = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{path} cannot be read ({error}); the checkpoint is incomplete or corrupt. Resume from the previous "
+            "checkpoint in the same folder instead."
+        ) from None
     if set(saved) != set(expected):
         raise ValueError(
             f"{path} holds per-sample state {sorted(saved)} but {type(module).__name__} expects {sorted(expected)}: "
@@ -100,8 +184,9 @@ def load_per_sample_state(module: nn.Module, directory: str | os.PathLike) -> bo
     for name, buffer in expected.items():
         if saved[name].shape != buffer.shape:
             raise ValueError(
-                f"{path}: '{name}' has {tuple(saved[name].shape)} entries but the training set has "
-                f"{tuple(buffer.shape)}: a checkpoint resumes only on the training set it was written for."
+                f"{path}: '{name}' has shape {tuple(saved[name].shape)} but this run expects {tuple(buffer.shape)} "
+                "(training-set size × state slots): a checkpoint resumes only on the training set and with the "
+                "number of fixed augmentations it was written for."
             )
         buffer.copy_(saved[name].to(buffer.device))
     return True

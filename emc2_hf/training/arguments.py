@@ -19,26 +19,28 @@ class ContrastiveTrainingArguments(TrainingArguments):
     > objective
 
     objective (`str`, defaults to `"emc2"`):
-        `"emc2"` (Metropolis–Hastings negative sampling, the global loss (1)), `"sogclr"` (moving-average normaliser)
-        or `"simclr"` (in-batch InfoNCE).
+        `"emc2"` (Metropolis–Hastings negative sampling of the global loss (1), chain states re-encoded: exact),
+        `"emc2_in_batch"` (the same chains without re-encoding: cheaper, biased toward the batch softmax), `"sogclr"`
+        (moving-average normaliser), `"simclr"` (in-batch InfoNCE) or `"dcl"` (decoupled InfoNCE: in-batch negatives
+        only).
     inverse_temperature (`float`, defaults to `5.0`):
         β = 1/τ. The EMC² paper uses 14.28 at batch 32 and 5 at batch 256 on STL-10.
 
     > EMC²
 
     num_proposals (`int`, *optional*):
-        R, Metropolis–Hastings proposals per anchor per step; default 2b − 2 (all in-batch negatives' count).
+        R, Metropolis–Hastings proposals per anchor per step; default 2b − 2 (b: images in the global batch).
     burn_in (`int`, *optional*):
         P, leading proposals whose states are not used as samples; default R // 2.
-    emc2_exact (`bool`, defaults to `False`):
-        Exact mode: every step also encodes (current model, train mode, with autograd) the chain states that are
-        not in the batch, with the collator's evaluation transform, so each chain starts from a current score and
-        its samples there get their real gradient. Costs one extra image per such state (up to b more per step).
+
+    With `"emc2"` every view of a batch image keeps its own chain, and the chain states the batch does not hold
+    (up to 2b views) are re-encoded with the current model in the views' forward pass: the collator delivers them
+    from the DataLoader workers.
 
     > SogCLR
 
-    sogclr_gamma (`float`, defaults to `0.9`):
-        γ, weight of the new estimate in `u ← (1 − γ) u + γ · mean exp(β s)`.
+    sogclr_gamma (`float`, *optional*):
+        γ, weight of the new estimate in `u ← (1 − γ) u + γ · mean exp(β s)`; default 0.9.
 
     > Optimiser
 
@@ -58,6 +60,13 @@ class ContrastiveTrainingArguments(TrainingArguments):
         evaluator) as `knn_monitor_accuracy`, through the Trainer's loggers (`report_to`). Cheaper than the full
         probes of `eval_steps`.
 
+    global_loss_steps (`int`, *optional*):
+        With fixed augmentations (the collator's `num_augmentations`), every this many steps compute the exact global
+        loss (1) over the whole training set and the squared norm of its gradient with respect to all trainable
+        parameters, in eval mode (BatchNorm with running statistics), and log them as `global_loss` and
+        `global_gradient_norm_squared` (the paper's Fig. 7). Refused for fresh augmentations; a dataset larger than
+        20,000 views logs a warning and is skipped.
+
     > Export
 
     export_projection_head (`bool`, defaults to `False`):
@@ -65,7 +74,8 @@ class ContrastiveTrainingArguments(TrainingArguments):
 
     Defaults changed from [`~transformers.TrainingArguments`]: `learning_rate=1e-3`, `weight_decay=1e-4`,
     `lr_scheduler_type="cosine"`, `logging_steps=10`, `dataloader_drop_last=True` (a last batch of one image would
-    have no negatives) and `remove_unused_columns=False` (the collator reads the raw image column).
+    have no negatives), `remove_unused_columns=False` (the collator reads the raw image column), and
+    `dataloader_pin_memory` is turned off when no accelerator is present (pinning only helps copies to a GPU).
     """
 
     objective: str = field(
@@ -87,16 +97,25 @@ class ContrastiveTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "EMC²: burn-in P, proposals whose states are not used as samples (default: R//2)."},
     )
-    emc2_exact: bool = field(
-        default=False,
+    emc2_weighting: str | None = field(
+        default=None,
         metadata={
-            "help": "EMC²: re-encode the chain states outside the batch with the current model every step, so their "
-            "scores are current and their samples get real gradients (up to b extra images per step)."
+            "help": "EMC²: how chain samples become negative weights: 'samples' (eq. (11)'s visit frequencies), "
+            "'recycled' (each sample replaced by its expectation given the step's proposal) or 'conditional' (by "
+            "its expectation given the sweep's candidate set). Default: the objective's.",
+            "choices": ["samples", "recycled", "conditional"],
         },
     )
-    sogclr_gamma: float = field(
-        default=0.9,
-        metadata={"help": "SogCLR: moving-average weight γ of the new estimate of u, in (0, 1]."},
+    emc2_chain_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "EMC²: fraction q of anchor views that run their chain each epoch (fewer re-encoded states); the "
+            "others use the in-batch softmax, which is also the control variate of the rest (unbiased). Default 1."
+        },
+    )
+    sogclr_gamma: float | None = field(
+        default=None,
+        metadata={"help": "SogCLR: moving-average weight γ of the new estimate of u, in (0, 1] (default: 0.9)."},
     )
 
     export_projection_head: bool = field(
@@ -116,6 +135,13 @@ class ContrastiveTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Log the 1-NN accuracy on the probe splits every N steps (knn_monitor_accuracy)."},
     )
+    global_loss_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "With fixed augmentations (--num_augmentations), log the exact global loss (1) and its squared "
+            "gradient norm over the whole training set every N steps (global_loss, global_gradient_norm_squared)."
+        },
+    )
 
     learning_rate: float = field(default=1e-3, metadata={"help": "The initial learning rate (Adam/AdamW)."})
     weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay."})
@@ -130,6 +156,8 @@ class ContrastiveTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dataloader_pin_memory and (self.use_cpu or not _accelerator_available()):
+            self.dataloader_pin_memory = False
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
         if not self.inverse_temperature > 0:
@@ -144,8 +172,6 @@ class ContrastiveTrainingArguments(TrainingArguments):
                 "samples "
                 "remain after the burn-in"
             )
-        if self.emc2_exact and self.objective != "emc2":
-            raise ValueError(f"--emc2_exact applies to --objective emc2 only, got --objective {self.objective}")
         if self.timm_optimizer is not None:
             _check_timm_optimizer(self.timm_optimizer)
         if not 0 <= self.optimizer_momentum < 1:
@@ -154,13 +180,23 @@ class ContrastiveTrainingArguments(TrainingArguments):
             raise ValueError(f"--lars_trust_coefficient must be > 0, got {self.lars_trust_coefficient}")
         if self.knn_monitor_steps is not None and self.knn_monitor_steps < 1:
             raise ValueError(f"--knn_monitor_steps must be >= 1 (or unset), got {self.knn_monitor_steps}")
-        if not 0 < self.sogclr_gamma <= 1:
+        if self.global_loss_steps is not None and self.global_loss_steps < 1:
+            raise ValueError(f"--global_loss_steps must be >= 1 (or unset), got {self.global_loss_steps}")
+        if self.emc2_chain_fraction is not None and not 0 < self.emc2_chain_fraction <= 1:
+            raise ValueError(f"--emc2_chain_fraction must be in (0, 1], got {self.emc2_chain_fraction}")
+        if self.sogclr_gamma is not None and not 0 < self.sogclr_gamma <= 1:
             raise ValueError(f"--sogclr_gamma must be in (0, 1], got {self.sogclr_gamma}")
         if self.per_device_train_batch_size < 2:
             raise ValueError(
                 f"--per_device_train_batch_size {self.per_device_train_batch_size} leaves anchors without negatives: "
                 "contrastive training needs at least 2 images per batch"
             )
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 def _check_timm_optimizer(name: str) -> None:

@@ -1,4 +1,4 @@
-"""Gathering the views of every process, so the objective sees the global batch (open_clip-style)."""
+"""Gathering the batch of every process, so the objective sees the global batch (open_clip-style)."""
 
 from __future__ import annotations
 
@@ -29,16 +29,50 @@ def gather_views(embeddings: torch.Tensor, dataset_indices: torch.Tensor) -> tup
     if size == 1:
         return embeddings, dataset_indices
     num_images = dataset_indices.numel()
-    sizes = [torch.zeros(1, dtype=torch.long, device=dataset_indices.device) for _ in range(size)]
-    dist.all_gather(sizes, torch.tensor([num_images], device=dataset_indices.device))
-    if any(int(s) != num_images for s in sizes):
+    sizes = _all_sizes(num_images, dataset_indices.device)
+    if any(s != num_images for s in sizes):
         raise ValueError(
-            f"processes hold different numbers of images per batch ({[int(s) for s in sizes]}); keep "
-            "dataloader_drop_last=True so every process gets full batches"
+            f"processes hold different numbers of images per batch ({sizes}); keep dataloader_drop_last=True so "
+            "every process gets full batches"
         )
-    gathered = distributed_functional.all_gather(embeddings)
-    indices = [torch.empty_like(dataset_indices) for _ in range(size)]
-    dist.all_gather(indices, dataset_indices)
-    first_views = torch.cat([part[:num_images] for part in gathered])
-    second_views = torch.cat([part[num_images:] for part in gathered])
-    return torch.cat([first_views, second_views]), torch.cat(indices)
+    return interleave_views(distributed_functional.all_gather(embeddings), num_images), gather_rows(dataset_indices)
+
+
+def gather_per_view(values: torch.Tensor) -> torch.Tensor:
+    """All-gather a per-view tensor ``[2b, ...]`` (no autograd) into the layout of :func:`gather_views`."""
+    if world_size() == 1:
+        return values
+    parts = [torch.empty_like(values) for _ in range(world_size())]
+    dist.all_gather(parts, values.contiguous())
+    return interleave_views(parts, values.shape[0] // 2)
+
+
+def interleave_views(parts: list[torch.Tensor] | tuple[torch.Tensor, ...], num_images: int) -> torch.Tensor:
+    """``[view 1 of every part, then view 2 of every part]`` from per-process ``[2b, ...]`` parts."""
+    return torch.cat([part[:num_images] for part in parts] + [part[num_images:] for part in parts])
+
+
+def gather_rows(rows: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+    """All-gather ``[k_r, ...]`` from every process ``r`` (``k_r`` may differ) into ``[Σ k_r, ...]`` in rank order.
+
+    With ``differentiable`` the gather keeps the autograd graph (each row has one owner, so its gradient is counted
+    once after DDP's averaging, as in :func:`gather_views`).
+    """
+    size = world_size()
+    if size == 1:
+        return rows
+    sizes = _all_sizes(rows.shape[0], rows.device)
+    longest = max(sizes)
+    padded = torch.cat([rows, rows.new_zeros((longest - rows.shape[0], *rows.shape[1:]))]) if longest else rows
+    if differentiable:
+        parts = distributed_functional.all_gather(padded)
+    else:
+        parts = [torch.empty_like(padded) for _ in range(size)]
+        dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:count] for part, count in zip(parts, sizes, strict=True)])
+
+
+def _all_sizes(count: int, device: torch.device) -> list[int]:
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([count], dtype=torch.long, device=device))
+    return [int(size) for size in sizes]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as distributed_functional
 from accelerate.utils import broadcast_object_list
 from huggingface_hub import HfApi
 from torch import nn
@@ -18,14 +17,17 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..data.collator import ContrastiveCollator
 from ..data.indexed import with_dataset_index
 from ..evaluation.callbacks import KNNMonitorCallback, ProbeCallback
+from ..evaluation.diagnostics import GlobalLossCallback, check_diagnostics_size
 from ..evaluation.probes import ProbeEvaluator
 from ..hub.export import export_encoder
 from ..hub.model_card import OBJECTIVE_TITLES, ModelCardData, objective_settings, probe_rows, render_model_card
-from ..objectives import ContrastiveObjective, EMC2Objective, build_objective
-from ..sampling.sample_state import load_per_sample_state, save_per_sample_state
+from ..objectives import ContrastiveObjective, build_objective, two_view_problem
+from ..sampling.sample_state import ChainStateTable, load_per_sample_state, save_per_sample_state
 from .arguments import ContrastiveTrainingArguments
-from .distributed import gather_views, world_size
+from .distributed import gather_per_view, gather_rows, gather_views
 from .optimizers import create_timm_optimizer
+
+logger = logging.getLogger(__name__)
 
 
 class CollatorEpochCallback(TrainerCallback):
@@ -39,17 +41,61 @@ class CollatorEpochCallback(TrainerCallback):
             self.collator.epoch = int(state.epoch or 0)
 
 
-class ContrastiveTrainer(Trainer):
-    """Trains an encoder with EMC², SogCLR or SimCLR, chosen by ``args.objective``.
+def _check_batch_fits(args: ContrastiveTrainingArguments, num_rows: int, objective: ContrastiveObjective) -> None:
+    """Refuse, before any work, a global batch the objective cannot use or the data cannot fill."""
+    per_step = args.per_device_train_batch_size * args.world_size
+    objective.validate_batch_size(per_step)
+    if args.dataloader_drop_last and num_rows < per_step:
+        raise ValueError(
+            f"the training set has {num_rows} rows but one step takes {per_step} images "
+            f"(per_device_train_batch_size {args.per_device_train_batch_size} × {args.world_size} process(es)) and "
+            "dataloader_drop_last=True drops the short batch: no step would run. Lower "
+            "--per_device_train_batch_size or add data."
+        )
 
-    A batch travels collator → :meth:`compute_loss` → model (embeddings of the two views) → objective (negative weights
-    from its per-sample state) → loss. The objective's per-sample state is written into every checkpoint as
-    ``per_sample_state.safetensors`` and restored by ``train(resume_from_checkpoint=...)``. Metrics the objective
-    reports (EMC²'s ``acceptance_rate`` and ``outside_batch_sample_fraction``, and ``reencoded_fraction`` in exact
-    mode) are averaged over each logging window and logged with the loss, beside ``knn_monitor_accuracy`` when
-    ``args.knn_monitor_steps`` is set. With ``args.emc2_exact`` the chain states outside the batch are encoded too
-    (:meth:`compute_loss`); with ``args.timm_optimizer`` the optimiser is timm's (:meth:`create_optimizer`). Under
-    several processes the objective sees the global batch on every process, and the probes run on the main process.
+
+def _global_loss_callback(args: ContrastiveTrainingArguments, collator: Any, dataset: Any) -> GlobalLossCallback:
+    """``--global_loss_steps``: exact diagnostics over every fixed augmentation of every training image."""
+    from ..data.images import decode_image
+
+    num_views = getattr(collator, "num_augmentations", None)
+    if num_views is None:
+        raise ValueError(
+            "--global_loss_steps needs a finite dataset of fixed augmentations (--num_augmentations A): with fresh "
+            "augmentations the global loss (1) has infinitely many views"
+        )
+    try:
+        check_diagnostics_size(len(dataset), num_views)
+    except ValueError as error:  # too large: the callback says so once and does nothing
+        logger.warning("--global_loss_steps is ignored: %s", error)
+        return GlobalLossCallback(torch.zeros(len(dataset), num_views, 1), args.global_loss_steps)
+    views = []
+    for index in range(len(dataset)):
+        image = decode_image(dataset[index][collator.image_column], row=index)
+        keys = [collator.fixed_augmentation_key(index, augmentation) for augmentation in range(num_views)]
+        views.append(torch.stack([collator.render(image, key) for key in keys]))
+    return GlobalLossCallback(torch.stack(views), args.global_loss_steps)
+
+
+class ContrastiveTrainer(Trainer):
+    """Trains an encoder with a contrastive objective (EMC², SogCLR, SimCLR, …) chosen by ``args.objective``.
+
+    A batch travels collator → :meth:`compute_loss` → model (embeddings of the two views, and of the chain states
+    the collator delivered) → objective (negative weights from its per-sample state) → loss. The objective's
+    per-sample state is written into every checkpoint as ``per_sample_state.safetensors`` and restored by
+    ``train(resume_from_checkpoint=...)``. Metrics the objective reports (EMC²'s ``acceptance_rate``,
+    ``reencoded_fraction``, …) are averaged over each logging window and logged with the loss, beside
+    ``knn_monitor_accuracy`` when ``args.knn_monitor_steps`` is set and the values of any callback with a
+    ``pop_pending()`` method (e.g. :class:`~emc2_hf.evaluation.GlobalLossCallback`). With ``args.timm_optimizer`` the
+    optimiser is timm's (:meth:`create_optimizer`). Under several processes the objective sees the global batch on
+    every process, and the probes run on the main process.
+
+    **EMC²'s chain states** (objectives with ``reencodes_chain_states``): the chains live in the objective; a CPU
+    shared-memory copy (:class:`~emc2_hf.sampling.ChainStateTable`) is attached to the collator, which — in the
+    DataLoader workers — reads where each view's chain starts and delivers the state images the batch lacks, each
+    re-created as the training view the chain stored. They are encoded in the same forward pass as the views (so
+    BatchNorm sees them with the batch) and enter the objective as state columns; after the step the table is
+    updated from the objective's chains.
 
     Args:
         model: a model whose forward takes ``pixel_values`` and returns ``embeddings`` (and ``features`` for the
@@ -86,23 +132,33 @@ class ContrastiveTrainer(Trainer):
             )
         data_collator = data_collator if data_collator is not None else ContrastiveCollator()
         train_dataset = with_dataset_index(train_dataset, data_collator.image_column, data_collator.index_column)
+        if getattr(data_collator, "seed", False) is None:
+            data_collator.seed = args.seed  # views keyed by (seed, epoch, index, view): resumable, worker-independent
         if objective is None:
             objective = build_objective(
                 args.objective,
                 num_samples=len(train_dataset),
                 inverse_temperature=args.inverse_temperature,
+                seed=args.seed,
                 num_proposals=args.num_proposals,
                 burn_in=args.burn_in,
-                sogclr_gamma=args.sogclr_gamma,
-                seed=args.seed,
-                exact=args.emc2_exact,
+                gamma=args.sogclr_gamma,
+                weighting=args.emc2_weighting,
+                chain_fraction=args.emc2_chain_fraction,
+                num_slots=getattr(data_collator, "num_state_slots", 2),
             )
-        elif args.emc2_exact:  # a ready objective: the arguments still decide the exact mode
-            if not isinstance(objective, EMC2Objective):
-                raise ValueError(f"--emc2_exact needs the emc2 objective, not {type(objective).__name__}")
-            objective.exact = True
-        if getattr(data_collator, "seed", False) is None:
-            data_collator.seed = args.seed  # views keyed by (seed, epoch, index, view): resumable, worker-independent
+        _check_batch_fits(args, len(train_dataset), objective)
+        chain_table = None
+        if objective.reencodes_chain_states:
+            if not hasattr(data_collator, "attach_chain_states"):
+                raise ValueError(
+                    f"the {objective.name} objective re-encodes chain states, which the collator must deliver; use "
+                    "ContrastiveCollator (or a collator with attach_chain_states), or --objective emc2_in_batch"
+                )
+            chain_table = ChainStateTable(objective.chains)
+            data_collator.attach_chain_states(
+                chain_table, train_dataset, chain_fraction=getattr(objective, "chain_fraction", 1.0)
+            )
         callbacks = [*(callbacks or []), CollatorEpochCallback(data_collator)]
         if probe_evaluator is not None and not any(isinstance(callback, ProbeCallback) for callback in callbacks):
             callbacks.append(ProbeCallback())
@@ -115,6 +171,8 @@ class ContrastiveTrainer(Trainer):
                 )
             knn_monitor = KNNMonitorCallback(monitor_evaluator, args.knn_monitor_steps)
             callbacks.append(knn_monitor)
+        if args.global_loss_steps is not None:
+            callbacks.append(_global_loss_callback(args, data_collator, train_dataset))
         super().__init__(
             model=model,
             args=args,
@@ -124,6 +182,7 @@ class ContrastiveTrainer(Trainer):
             **kwargs,
         )
         self.objective = objective
+        self.chain_table = chain_table
         self.probe_evaluator = probe_evaluator
         self._knn_monitor = knn_monitor
         self.model_card_data = model_card_data if model_card_data is not None else ModelCardData()
@@ -151,84 +210,68 @@ class ContrastiveTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """Encode both views (``pixel_values: [2b, 3, H, W]``) and evaluate the objective on their embeddings.
-
-        In EMC²'s exact mode (``args.emc2_exact``) the chain states outside the global batch are encoded too, in the
-        same forward pass, and passed to the objective as extra candidates (:meth:`_encode_with_chain_states`).
-        """
-        extra_candidates: dict[str, torch.Tensor] = {}
-        if getattr(self.objective, "exact", False):
-            outputs, embeddings, extra_candidates = self._encode_with_chain_states(model, inputs)
-        else:
-            outputs = model(pixel_values=inputs["pixel_values"])
-            embeddings = outputs.embeddings
+        """Encode both views (``pixel_values: [2b, 3, H, W]``) and the delivered chain states
+        (``state_pixel_values: [k, 3, H, W]``) in one forward pass, and evaluate the objective on the global batch."""
+        pixel_values = inputs["pixel_values"]
+        num_views = pixel_values.shape[0]
+        state_pixel_values = inputs.get("state_pixel_values")
+        encodes_states = self.objective.reencodes_chain_states
+        if encodes_states and state_pixel_values is None:
+            raise ValueError(
+                f"the {self.objective.name} objective needs the chain-state images with every batch "
+                "(state_pixel_values); the collator delivers them once attach_chain_states was called"
+            )
+        if encodes_states and state_pixel_values.shape[0]:
+            pixel_values = torch.cat([pixel_values, state_pixel_values.to(pixel_values)])
+        outputs = model(pixel_values=pixel_values)
+        embeddings = outputs.embeddings
+        if pixel_values.shape[0] != num_views and isinstance(outputs, dict):
+            outputs = type(outputs)(
+                **{
+                    key: value[:num_views]
+                    if isinstance(value, torch.Tensor) and value.shape[0] == pixel_values.shape[0]
+                    else value
+                    for key, value in outputs.items()
+                }
+            )
         state = next(self.objective.buffers(), None)
         if state is not None and state.device != embeddings.device:
             self.objective.to(embeddings.device)
         # Every process evaluates the objective on the global batch, so per-sample state stays identical everywhere.
-        embeddings, dataset_indices = gather_views(embeddings, inputs[self.data_collator.index_column])
-        objective_output = self.objective(
-            embeddings,
-            dataset_indices,
-            step=self.state.global_step,
-            micro_step=self._next_micro_step(),
-            **extra_candidates,
+        view_embeddings, dataset_indices = gather_views(
+            embeddings[:num_views], inputs[self.data_collator.index_column]
         )
+        arguments: dict[str, torch.Tensor] = {}
+        for name in ("view_keys", "view_slots"):
+            if name in inputs:
+                arguments[name] = gather_per_view(inputs[name])
+        if encodes_states:
+            arguments.update(
+                state_embeddings=gather_rows(embeddings[num_views:], differentiable=True),
+                state_keys=gather_rows(inputs["state_index"]),
+                state_views=gather_rows(inputs["state_view"]),
+                start_keys=gather_per_view(inputs["start_index"]),
+                start_views=gather_per_view(inputs["start_view"]),
+            )
+            if "chain_active" in inputs:
+                arguments["chain_anchors"] = gather_per_view(inputs["chain_active"])
+        problem = two_view_problem(view_embeddings, dataset_indices, **arguments)
+        objective_output = self.objective(problem, step=self.state.global_step, micro_step=self._next_micro_step())
+        if self.chain_table is not None:
+            self.chain_table.update(self.objective.chains, problem.anchor_keys)
         for name, value in objective_output.metrics.items():
             self._objective_metrics[name].append(value.detach())
         return (objective_output.loss, outputs) if return_outputs else objective_output.loss
-
-    def _encode_with_chain_states(
-        self, model: nn.Module, inputs: dict[str, torch.Tensor]
-    ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
-        """EMC² exact mode: encode the views and the chain states outside the global batch, with autograd.
-
-        Every process lists the same ``k`` states (``objective.states_to_encode`` of the gathered dataset indices),
-        encodes its contiguous share of them — their training rows through the collator's ``eval_pixel_values`` —
-        in the views' forward pass (so BatchNorm sees ``2b`` views + the share, never a lone image), and all-gathers
-        the shares with autograd like :func:`gather_views`: each state has one owner, so its gradient is counted once.
-
-        Returns:
-            The model outputs (views' rows), the views' embeddings ``[2b, d]`` and the objective's extra arguments
-            ``{"extra_embeddings": [k, d], "extra_dataset_indices": [k]}``, identical on every process.
-        """
-        pixel_values = inputs["pixel_values"]
-        local_indices = inputs[self.data_collator.index_column]
-        num_views, size = pixel_values.shape[0], world_size()
-        global_indices = local_indices
-        if size > 1:
-            parts = [torch.empty_like(local_indices) for _ in range(size)]
-            dist.all_gather(parts, local_indices)
-            global_indices = torch.cat(parts)
-        state_indices = self.objective.states_to_encode(global_indices)
-        share = -(-state_indices.numel() // size)
-        rank = dist.get_rank() if size > 1 else 0
-        own = state_indices[rank * share : (rank + 1) * share].tolist()
-        if own:
-            images = [self.train_dataset[index][self.data_collator.image_column] for index in own]
-            state_pixel_values = self.data_collator.eval_pixel_values(images).to(pixel_values)
-            pixel_values = torch.cat([pixel_values, state_pixel_values])
-        outputs = model(pixel_values=pixel_values)
-        own_embeddings = outputs.embeddings[num_views:]
-        embeddings = outputs.embeddings[:num_views]
-        extra_embeddings = own_embeddings
-        if size > 1 and share:
-            padding = own_embeddings.new_zeros(share - own_embeddings.shape[0], own_embeddings.shape[1])
-            gathered = distributed_functional.all_gather(torch.cat([own_embeddings, padding]))
-            extra_embeddings = torch.cat(gathered)[: state_indices.numel()]
-        if own and isinstance(outputs, dict):
-            for key, value in list(outputs.items()):
-                if isinstance(value, torch.Tensor) and value.shape[0] == pixel_values.shape[0]:
-                    outputs[key] = value[:num_views]
-        return outputs, embeddings, {"extra_embeddings": extra_embeddings, "extra_dataset_indices": state_indices}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._objective_metrics:
             for name, values in self._objective_metrics.items():
                 logs[name] = round(torch.stack(values).float().mean().item(), 4)
             self._objective_metrics.clear()
-        if "loss" in logs and self._knn_monitor is not None:
-            logs.update(self._knn_monitor.pop_pending())
+        if "loss" in logs:
+            for callback in self.callback_handler.callbacks:
+                if callable(getattr(callback, "pop_pending", None)):
+                    logs.update(callback.pop_pending())
         super().log(logs, start_time)
 
     def floating_point_ops(self, inputs: dict[str, torch.Tensor | Any]) -> int:
@@ -282,6 +325,8 @@ class ContrastiveTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_per_sample_state(self.objective, resume_from_checkpoint)
+        if self.chain_table is not None:
+            self.chain_table.refresh(self.objective.chains)
 
     # ---- Hub: the export, not the raw training checkpoint, is what gets pushed ----
 
