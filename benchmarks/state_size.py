@@ -2,9 +2,10 @@
 
     python benchmarks/state_size.py --dataset_sizes 1000 100000 10000000 --batch_size 256
 
-The objective step (pairing, sweep, weights, state update, surrogate and its backward) on fixed random embeddings,
-median over repetitions; the state's memory is ``m × (8 + 4)`` bytes for EMC² (index + log-score) and
-``m × (4 + 1)`` for SogCLR. The sampler touches only the batch's ``b`` entries, so time must not grow with ``m``.
+The objective step (problem, sweep, weights, state update, surrogate and its backward) on fixed random embeddings,
+with EMC²'s chain states as state columns (random embeddings), median over repetitions; the state's memory is
+``m × 2 × (8 + 8 + 4)`` bytes for EMC² (two chains per example: index, view key, similarity) and ``m × (4 + 1)``
+for SogCLR. The sampler touches only the batch's entries, so time must not grow with ``m``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 
 import torch
 
-from emc2_hf.objectives import build_objective
+from emc2_hf.objectives import build_objective, states_to_encode
 
 from common import median_seconds, print_table
 
@@ -41,7 +42,20 @@ def main() -> None:
 
             def run() -> None:
                 current = next(step)
-                objective(embeddings, batches[current % len(batches)], step=current).loss.backward()
+                indices = batches[current % len(batches)]
+                arguments = {}
+                if objective.reencodes_chain_states:
+                    keys, slots = indices.repeat(2), torch.arange(2, device=device).repeat_interleave(indices.numel())
+                    start_keys, start_views = objective.chain_starts(keys, slots)
+                    state_keys, state_views = states_to_encode(start_keys, start_views, keys, slots)
+                    arguments = {
+                        "state_embeddings": torch.randn(state_keys.numel(), 128, device=device, requires_grad=True),
+                        "state_keys": state_keys,
+                        "state_views": state_views,
+                        "start_keys": start_keys,
+                        "start_views": start_views,
+                    }
+                objective(embeddings, indices, step=current, **arguments).loss.backward()
 
             seconds = median_seconds(run, args.repetitions, 3, device)
             base = base or seconds

@@ -2,8 +2,9 @@
 
     python benchmarks/sweep_scaling.py --batch_sizes 32 64 128 256 512 1024
 
-Times ``EMC2Objective.negative_weights`` (proposals, the sweep, visit frequencies and the chain update) on random
-embeddings, median over repetitions, and reports the growth exponent between consecutive sizes (time ∝ b^k).
+Times ``EMC2Objective.negative_weights`` (the view picks, proposals, the sweep, the weights and the chain update) on
+random embeddings, with every chain already on a state outside the batch (a state column each, as in steady state),
+median over repetitions, and reports the growth exponent between consecutive sizes (time ∝ b^k).
 """
 
 from __future__ import annotations
@@ -13,10 +14,23 @@ import math
 
 import torch
 
-from emc2_hf.objectives import EMC2Objective, pair_views
+from emc2_hf.objectives import EMC2Objective, states_to_encode, two_view_problem
 from emc2_hf.sampling import keyed_generator
 
 from common import median_seconds, print_table
+
+
+def _to(problem, device: torch.device):
+    import dataclasses
+
+    return dataclasses.replace(
+        problem,
+        **{
+            field.name: getattr(problem, field.name).to(device)
+            for field in dataclasses.fields(problem)
+            if isinstance(getattr(problem, field.name), torch.Tensor)
+        },
+    )
 
 
 def main() -> None:
@@ -30,21 +44,36 @@ def main() -> None:
     device = torch.device(args.device)
     rows, previous = [], None
     for batch_size in args.batch_sizes:
-        objective = EMC2Objective(args.dataset_size, 5.0).to(device)
+        objective = EMC2Objective(args.dataset_size, 5.0)
         generator = torch.Generator().manual_seed(batch_size)
         counter = iter(range(10**9))
 
-        batches = [
-            pair_views(
-                torch.randn(2 * batch_size, 128, device=device),
-                torch.randperm(args.dataset_size, generator=generator)[:batch_size].to(device),
+        def problem():
+            indices = torch.randperm(args.dataset_size, generator=generator)[:batch_size]
+            # Steady state: every chain on a view of another image outside the batch.
+            objective.chains.state_index[indices] = (indices[:, None] + 1 + torch.arange(2)) % args.dataset_size
+            objective.chains.state_view[indices] = torch.arange(2)
+            keys = indices.repeat(2)
+            slots = torch.arange(2).repeat_interleave(batch_size)
+            start_keys, start_views = objective.chain_starts(keys, slots)
+            state_keys, state_views = states_to_encode(start_keys, start_views, keys, slots)
+            return two_view_problem(
+                torch.randn(2 * batch_size, 128),
+                indices,
+                state_embeddings=torch.randn(state_keys.numel(), 128),
+                state_keys=state_keys,
+                state_views=state_views,
+                start_keys=start_keys,
+                start_views=start_views,
             )
-            for _ in range(8)
-        ]
+
+        batches = [problem() for _ in range(8)]
+        objective.to(device)
+        batches = [_to(problem, device) for problem in batches]
 
         def sweep() -> None:
             step = next(counter)
-            objective.negative_weights(batches[step % len(batches)], keyed_generator(0, step))
+            objective.negative_weights(batches[step % len(batches)], keyed_generator(0, step, device=device))
 
         seconds = median_seconds(sweep, args.repetitions, 3, device)
         growth = (

@@ -17,8 +17,10 @@ and ~40 exact evaluations each finish in minutes on 2 CPU cores; and a network (
 non-convex as in the paper. EMC²'s chain states are re-encoded exactly as the trainer does: the stored view of the
 stored image, with the current encoder.
 
-Writes ``output_dir/convergence.json`` (per step size and objective: the curve, ``final_loss``,
-``final_grad_norm_squared``, their means over the last quarter of the evaluations, and the run time),
+Writes ``output_dir/convergence.json`` (per step size and objective: the curve; ``final_loss`` and
+``final_grad_norm_squared``, the means over the last 5 evaluations — SGD with a constant step fluctuates, one point is
+noisy —; ``last_*`` at the last step; the run time; and ``criteria``, whether the default EMC² ends below SogCLR's
+loss, within SimCLR's + 0.05 and at most a third of SimCLR's ‖∇L‖²),
 ``output_dir/convergence.png`` (L and ‖∇L‖² against steps) and prints a table.
 """
 
@@ -37,6 +39,10 @@ from torch import nn
 from emc2_hf.data import ContrastiveCollator, SimCLRAugmentation, decode_image, load_digits_dataset
 from emc2_hf.evaluation.diagnostics import global_loss_and_gradient
 from emc2_hf.objectives import OBJECTIVES, build_objective, parse_objective_spec, states_to_encode, two_view_problem
+from emc2_hf.sampling import chain_selection
+
+FINAL_EVALUATIONS = 5
+"""``final_*`` values are the mean of this many last evaluations."""
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,20 +109,26 @@ def batch_order(num_images: int, batch_size: int, iterations: int, seed: int) ->
 
 
 def fixed_view_loss(
-    encoder: nn.Module, objective: Any, views: torch.Tensor, batch: torch.Tensor, step: int
+    encoder: nn.Module, objective: Any, views: torch.Tensor, batch: torch.Tensor, step: int, epoch: int, seed: int
 ) -> torch.Tensor:
     """The objective's loss on ``batch`` (``LongTensor[b]``) of the fixed views ``[m, 2, D]``, with EMC²'s chain
-    states re-encoded exactly as the trainer does (the stored view of the stored image, current encoder)."""
+    states re-encoded exactly as the trainer does (the stored view of the stored image, current encoder) and, with a
+    ``chain_fraction``, the chains of ``epoch`` selected as the collator selects them."""
     keys = batch.repeat(2)
     slots = torch.arange(2).repeat_interleave(batch.numel())  # view v of an image is its fixed augmentation v
     inputs = views[keys, slots]
     arguments: dict[str, torch.Tensor] = {"view_keys": slots, "view_slots": slots}
     if objective.reencodes_chain_states:
+        chained = chain_selection(seed, epoch, keys, slots, objective.chain_fraction)
         start_keys, start_views = objective.chain_starts(keys, slots)
-        state_keys, state_views = states_to_encode(start_keys, start_views, keys, slots)
+        state_keys, state_views = states_to_encode(start_keys, start_views, keys, slots, chained)
         inputs = torch.cat([inputs, views[state_keys, state_views]])
         arguments.update(
-            state_keys=state_keys, state_views=state_views, start_keys=start_keys, start_views=start_views
+            state_keys=state_keys,
+            state_views=state_views,
+            start_keys=start_keys,
+            start_views=start_views,
+            chain_anchors=chained,
         )
     embeddings = encoder(inputs)
     if objective.reencodes_chain_states:
@@ -151,15 +163,15 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
         optimizer.step()
         if iteration % args.eval_every == 0 or iteration == args.iterations:
             evaluate(iteration)
-    tail = curve[-max(1, len(curve) // 4) :]
+    end = curve[-min(FINAL_EVALUATIONS, len(curve) - 1) :]
     return {
         "objective": job["objective"],
         "learning_rate": job["learning_rate"],
         "curve": curve,
-        "final_loss": curve[-1]["loss"],
-        "final_grad_norm_squared": curve[-1]["grad_norm_squared"],
-        "tail_mean_loss": sum(point["loss"] for point in tail) / len(tail),
-        "tail_mean_grad_norm_squared": sum(point["grad_norm_squared"] for point in tail) / len(tail),
+        "final_loss": sum(point["loss"] for point in end) / len(end),
+        "final_grad_norm_squared": sum(point["grad_norm_squared"] for point in end) / len(end),
+        "last_loss": curve[-1]["loss"],
+        "last_grad_norm_squared": curve[-1]["grad_norm_squared"],
         "seconds": round(time.perf_counter() - start, 1),
     }
 
@@ -194,17 +206,35 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], path: str) -> None:
 
 def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     lines = [
-        "| step size | objective | final L | final ‖∇L‖² | mean L, last quarter | mean ‖∇L‖², last quarter "
-        "| time (s) |",
+        f"| step size | objective | final L | final ‖∇L‖² | last L | last ‖∇L‖² | time (s) |  (final: mean of the "
+        f"last {FINAL_EVALUATIONS} evaluations)",
         "|---|---|---|---|---|---|---|",
     ]
     for rate, runs in results.items():
         for name, run in runs.items():
             lines.append(
                 f"| {rate} | {name} | {run['final_loss']:.4f} | {run['final_grad_norm_squared']:.4f} | "
-                f"{run['tail_mean_loss']:.4f} | {run['tail_mean_grad_norm_squared']:.4f} | {run['seconds']:.0f} |"
+                f"{run['last_loss']:.4f} | {run['last_grad_norm_squared']:.4f} | {run['seconds']:.0f} |"
             )
     return "\n".join(lines)
+
+
+def criteria(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per step size: does the default EMC² end below SogCLR's loss, within SimCLR's + 0.05, and with at most a third
+    of SimCLR's squared gradient norm (a small norm at a high loss is a stalled method, not a converged one)?"""
+    checks = {}
+    for rate, runs in results.items():
+        if not {"emc2", "sogclr", "simclr"} <= set(runs):
+            continue
+        emc2, sogclr, simclr = runs["emc2"], runs["sogclr"], runs["simclr"]
+        checks[rate] = {
+            "loss_below_sogclr": emc2["final_loss"] < sogclr["final_loss"],
+            "loss_within_simclr_plus_0.05": emc2["final_loss"] <= simclr["final_loss"] + 0.05,
+            "grad_norm_squared_ratio_to_simclr": emc2["final_grad_norm_squared"] / simclr["final_grad_norm_squared"],
+            "grad_norm_squared_at_most_a_third_of_simclr": 3 * emc2["final_grad_norm_squared"]
+            <= simclr["final_grad_norm_squared"],
+        }
+    return checks
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -229,12 +259,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {key: value for key, value in vars(args).items()},
         "encoder": f"MLP {views.shape[-1]} → {args.hidden_dim} → ReLU → {args.feature_dim}",
         "total_seconds": round(time.perf_counter() - start, 1),
+        "criteria": criteria(results),
         "results": results,
     }
     with open(os.path.join(args.output_dir, "convergence.json"), "w") as handle:
         json.dump(report, handle, indent=2)
     plot(results, os.path.join(args.output_dir, "convergence.png"))
     print(table(results))
+    for rate, check in report["criteria"].items():
+        print(f"step size {rate}: " + ", ".join(f"{key}={value}" for key, value in check.items()))
     print(f"\nTotal {report['total_seconds']:.0f} s; wrote {args.output_dir}/convergence.json and convergence.png")
     return report
 

@@ -368,9 +368,10 @@ def epoch_0_view(collator, train, index):
 
 
 def test_workers_deliver_the_states_the_main_process_reads_across_the_epoch_boundary(tmp_path, digits):
-    # 2 epochs of 3 steps with 2 DataLoader workers prefetching 2 batches each: every delivered start equals the
-    # objective's own chain state at the step that uses it, so prefetched states are current, including the first
-    # batches of epoch 2 (prefetched after epoch 1's last update), and 0 workers give the same run.
+    # 2 epochs of 3 steps with 1 and 2 DataLoader workers prefetching 2 batches each: every delivered start equals
+    # the objective's own chain state at the step that uses it, so prefetched states are current, including the first
+    # batches of epoch 2 (prefetched after epoch 1's last update), and the state images equal those of 0 workers
+    # (the main process).
     from emc2_hf import ContrastiveTrainer
 
     records = {}
@@ -385,7 +386,7 @@ def test_workers_deliver_the_states_the_main_process_reads_across_the_epoch_boun
             )
             return super().compute_loss(model, inputs, **kwargs)
 
-    for workers in (0, 2):
+    for workers in (0, 1, 2):
         torch.manual_seed(0)
         trainer = Recording(
             model=tiny_encoder(),
@@ -394,10 +395,11 @@ def test_workers_deliver_the_states_the_main_process_reads_across_the_epoch_boun
             data_collator=digits_collator(),
         )
         trainer.train()
-    assert [stale for stale, _, _ in records[2]] == [0] * 6
-    assert sum(count for _, _, count in records[2][3:]) > 0  # epoch 2 re-encodes states from epoch 1
-    for (_, a, _), (_, b, _) in zip(records[0], records[2], strict=True):
-        assert torch.equal(a, b)
+    for workers in (1, 2):
+        assert [stale for stale, _, _ in records[workers]] == [0] * 6
+        assert sum(count for _, _, count in records[workers][3:]) > 0  # epoch 2 re-encodes states from epoch 1
+        for (_, a, _), (_, b, _) in zip(records[0], records[workers], strict=True):
+            assert torch.equal(a, b)
 
 
 # ---- ContrastiveTrainer ----
