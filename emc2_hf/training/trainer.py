@@ -286,41 +286,49 @@ class ContrastiveTrainer(Trainer):
     # ---- Hub: the export, not the raw training checkpoint, is what gets pushed ----
 
     def model_card(self, repo_id: str | None = None, include_projection_head: bool | None = None) -> str:
-        """The encoder's model card: objective and hyper-parameters, data, training length, probe accuracies."""
+        """The encoder's model card: objective and hyper-parameters, data, training length, probe accuracies.
+
+        ``repo_id`` (else the pushed repository, else ``args.hub_model_id``) is what the card's snippets load; without
+        one they load the local export folder and the card says how to push it. The objective's settings are the
+        numbers used (e.g. EMC²'s R and P at this run's batch), and the untrained encoder's probes
+        (``model_card_data.untrained_metrics``) stand beside the trained ones.
+        """
         from .. import __version__
 
         model = self.accelerator.unwrap_model(self.model)
         augmentation = self.data_collator.augmentation
         card = self.model_card_data
-        repo_id = (
-            repo_id
-            or self.hub_model_id
-            or self.args.hub_model_id
-            or os.path.basename(os.path.abspath(self.args.output_dir))
-        )
+        repo_id = repo_id or self.hub_model_id or self.args.hub_model_id
+        local_dir = os.path.join(self.args.output_dir, "export")
         if include_projection_head is None:
             include_projection_head = self.args.export_projection_head
         step, prefix, metrics = self.last_evaluation or (None, "eval", {})
-        config = self.objective.get_config_dict()
         citations = [self.objective.citation]
         if self.objective.name != "emc2":
             from ..objectives import EMC2Objective
 
             citations.append(EMC2Objective.citation)
+        untrained = {row["name"]: row["value"] for row in probe_rows(card.untrained_metrics or {}, "untrained")}
+        rows = [{**row, "untrained": untrained.get(row["name"])} for row in probe_rows(metrics, prefix)]
+        rows = rows if step is not None else []
         return render_model_card(
-            model_name=card.model_name or repo_id.split("/")[-1],
+            model_name=card.model_name
+            or (repo_id.split("/")[-1] if repo_id else os.path.basename(os.path.abspath(self.args.output_dir))),
             repo_id=repo_id,
+            local_dir=local_dir,
             license=card.license,
             objective=self.objective.name,
             objective_title=OBJECTIVE_TITLES.get(self.objective.name, self.objective.name),
-            objective_settings=objective_settings(config),
+            objective_settings=self._card_objective_settings(),
             backbone=model.config.backbone,
             feature_dim=model.config.feature_dim,
             includes_projection_head=include_projection_head,
             dataset_name=card.dataset_name,
+            hub_dataset_id=card.hub_dataset_id,
             train_split=card.train_split,
             probe_train_split=card.probe_train_split,
             eval_split=card.eval_split,
+            eval_split_description=card.eval_split_description,
             train_rows=len(self.train_dataset) if self.train_dataset is not None else None,
             batch_size=self.args.per_device_train_batch_size
             * self.args.gradient_accumulation_steps
@@ -338,13 +346,37 @@ class ContrastiveTrainer(Trainer):
             image_size=augmentation.image_size,
             mean=list(augmentation.mean),
             std=list(augmentation.std),
-            metrics=probe_rows(metrics, prefix) if step is not None else [],
+            metrics=rows,
+            has_baseline=any(row["untrained"] is not None for row in rows),
             eval_step=step,
             shots_per_class=getattr(self.probe_evaluator, "shots_per_class", 5),
             num_draws=getattr(self.probe_evaluator, "num_draws", 10),
             library_version=__version__,
             citations=citations,
         )
+
+    def _card_objective_settings(self) -> list[tuple[str, Any]]:
+        """``(readable name, value)`` of the objective's hyper-parameters as used in this run.
+
+        ``objective.card_settings(batch_size)`` when the objective has it; else its ``get_config_dict()`` with
+        defaults that depend on the batch (EMC²'s ``R = 2b − 2`` and ``P = R // 2``) replaced by their values at this
+        run's objective batch ``b`` (per-device batch × processes), from the objective's ``sweep_lengths``.
+        """
+        batch_size = self.args.per_device_train_batch_size * self.args.world_size
+        if hasattr(self.objective, "card_settings"):
+            settings = self.objective.card_settings(batch_size)
+            return objective_settings(settings) if isinstance(settings, dict) else list(settings)
+        config = dict(self.objective.get_config_dict())
+        if hasattr(self.objective, "sweep_lengths"):
+            try:
+                num_proposals, burn_in = self.objective.sweep_lengths(2 * batch_size - 2)
+            except ValueError:
+                return objective_settings(config)
+            if "num_proposals" in config and not isinstance(config["num_proposals"], int):
+                config["num_proposals"] = f"{num_proposals} (default 2b − 2 at b = {batch_size})"
+            if "burn_in" in config and not isinstance(config["burn_in"], int):
+                config["burn_in"] = f"{burn_in} (default R // 2)"
+        return objective_settings(config)
 
     def export(
         self, output_dir: str | None = None, include_projection_head: bool | None = None, repo_id: str | None = None
