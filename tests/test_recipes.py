@@ -115,10 +115,15 @@ def test_missing_hub_dataset_offline_says_what_to_do(tmp_path):
 
 @pytest.mark.slow
 def test_compare_recipe_runs_every_objective(tmp_path):
-    result = run([sys.executable, "recipes/compare.py", *FAST, "--output_dir", str(tmp_path)], tmp_path)
+    from emc2_hf.objectives import OBJECTIVES
+
+    result = run([sys.executable, "recipes/compare.py", *FAST, f"--output_dir={tmp_path}"], tmp_path)
     comparison = json.loads((tmp_path / "comparison.json").read_text())
-    assert {"untrained", "emc2", "sogclr", "simclr"} <= set(comparison)
-    assert "| emc2 |" in result.stdout
+    assert [entry["objective"] for entry in comparison["configurations"]] == list(OBJECTIVES)
+    assert "| emc2 | 16 | 5 | 1 |" in result.stdout and "| untrained |" in result.stdout
+    assert (tmp_path / "comparison.png").exists() and (
+        tmp_path / "emc2-b16-beta5-seed42" / "eval_results.json"
+    ).exists()
 
 
 TINY_MODEL = ["--backbone", "test_resnet", "--projection_dim", "16", "--projection_hidden_dim", "16"]

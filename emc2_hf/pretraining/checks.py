@@ -69,7 +69,10 @@ def check_launch(training_args: ContrastiveTrainingArguments) -> None:
             f"{launched} processes were launched but the Trainer runs {processes(training_args)}: launch with "
             "torchrun or accelerate launch and leave the distributed settings to them"
         )
+    known = _known_loggers()
     for name in training_args.report_to or []:
+        if known and name not in known:
+            raise RecipeArgumentError(f"--report_to {name}: unknown logger; choose from {', '.join(sorted(known))}")
         if name in LOGGER_PACKAGES:
             module, install = LOGGER_PACKAGES[name]
             if name == "tensorboard":
@@ -78,6 +81,15 @@ def check_launch(training_args: ContrastiveTrainingArguments) -> None:
                 available = importlib.util.find_spec(module) is not None
             if not available:
                 raise RecipeArgumentError(f"--report_to {name} needs the {module} package: {install}")
+
+
+def _known_loggers() -> set[str]:
+    """The ``--report_to`` names transformers knows (empty if it does not say), plus ``all`` and ``none``."""
+    try:
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    except ImportError:
+        return set()
+    return {*INTEGRATION_TO_CALLBACK, "all", "none"}
 
 
 def checkpoints_in(output_dir: str) -> list[str]:

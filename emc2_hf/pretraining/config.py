@@ -45,6 +45,14 @@ GROUP_DESCRIPTIONS = {
 }
 
 
+class RecipeArgumentParser(HfArgumentParser):
+    """An ``HfArgumentParser`` whose argument errors raise ``ValueError`` (the recipes print them as one line and exit
+    with status 2) instead of printing the usage and exiting."""
+
+    def error(self, message: str):
+        raise ValueError(f"argument error: {message}")
+
+
 class RecipeHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends ``(default: …)`` only where the help does not already speak of the default and there is one."""
 
@@ -136,13 +144,13 @@ def build_recipe_parser(
     presets_dir: str | None = None,
     prog: str | None = None,
     description: str | None = None,
-) -> HfArgumentParser:
+) -> RecipeArgumentParser:
     """The recipe's ``HfArgumentParser``, its groups in reading order and ``defaults`` applied.
 
     Groups: ``--config`` (with the shipped presets), data, model, objective, contrastive training, then the Trainer's
     flags. Fields the lead adds to :class:`ContrastiveTrainingArguments` join the objective group automatically.
     """
-    parser = HfArgumentParser(
+    parser = RecipeArgumentParser(
         ARGUMENT_CLASSES,
         prog=prog,
         description=description,
@@ -162,7 +170,7 @@ def build_recipe_parser(
     return parser
 
 
-def _arrange_groups(parser: HfArgumentParser) -> None:
+def _arrange_groups(parser: RecipeArgumentParser) -> None:
     """Move the ContrastiveTrainingArguments' and TrainingArguments' flags out of the top group, into titled groups
     that print after the data and model groups."""
     trainer_fields = {field.name for field in fields(TrainingArguments)}

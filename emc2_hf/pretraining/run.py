@@ -344,6 +344,7 @@ def run_pretraining(
     if resume_checkpoint is not None:
         check_resume_compatible(trainer, resume_checkpoint)
     trainer.add_callback(RunSettingsCallback(run_settings(trainer)))
+    _log_tensorboard_into_output_dir(trainer)
     logger.info(
         "Pre-training %s (%.1fM parameters) with %s on %d images of %r at %d px, %d images per step%s; probes fitted "
         "on %d and measured on %d images%s",
@@ -414,6 +415,16 @@ def run_pretraining(
     return results
 
 
+def _log_tensorboard_into_output_dir(trainer: ContrastiveTrainer) -> None:
+    """Point TensorBoard at ``output_dir/runs/<date>``: its callback picks that folder at train begin, but the
+    untrained probes log earlier, which would open a writer in ``./runs`` of the working directory."""
+    from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = os.path.join(trainer.args.output_dir, default_logdir())
+
+
 def push_export(trainer: ContrastiveTrainer, export_dir: str) -> None:
     """``trainer.push_to_hub()``; a failure becomes :class:`HubPushError` saying the export is written and how to
     push it later."""
@@ -440,6 +451,8 @@ def configure_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if main_process else logging.ERROR
     )
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    # Raised at every gather of a multi-process run (emc2_hf/training/distributed.py); nothing a user can act on.
+    warnings.filterwarnings("ignore", r"torch\.distributed\.nn\.functional\.all_gather is deprecated", FutureWarning)
     if not main_process:  # every process would repeat the main process's warnings
         warnings.simplefilter("ignore")
         transformers.utils.logging.set_verbosity_error()
