@@ -405,7 +405,8 @@ def run_pretraining(
                 indent=2,
                 default=str,
             )
-        title = f"{trainer.objective.name} on {card_data.dataset_name}, {objective_batch_size(training_args)} per step"
+        batch = objective_batch_size(training_args)
+        title = f"{trainer.objective.name} on {card_data.dataset_name}, {batch} images per step"
         written = plot_training_curves(trainer.state.log_history, training_args.output_dir, title=title)
         if written is not None:
             logger.info("Training curves: %s (numbers in %s)", *written)
