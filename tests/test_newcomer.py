@@ -102,11 +102,12 @@ def test_two_cpu_processes_under_torchrun_train_one_model_together(tmp_path):
     # One model over a global batch of 2 × 8 images: an epoch is 1257 // 16 = 78 steps (one copy per process: 157).
     state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["epoch"] == pytest.approx(3 / (1257 // 16))
-    assert ranks[0]["results"] == {
-        **ranks[1]["results"],
-        "train_samples_per_second": ranks[0]["results"]["train_samples_per_second"],
-    }
-    assert {f"eval_{name}" for name in PROBES} <= set(ranks[0]["results"])
+    probes = [
+        {key: value for key, value in rank["results"].items() if key.startswith(("eval_", "untrained_"))}
+        for rank in ranks
+    ]
+    assert probes[0] == probes[1] and ranks[0]["results"]["global_step"] == ranks[1]["results"]["global_step"] == 3
+    assert {f"eval_{name}" for name in PROBES} | {f"untrained_{name}" for name in PROBES} == set(probes[0])
     # Only the main process writes the run's files (each process keeps its own RNG state in the checkpoint).
     assert {"eval_results.json", "export/README.md", "training_curves.png"} <= set(ranks[0]["written"])
     assert [path for path in ranks[1]["written"] if not re.fullmatch(r"checkpoint-\d+/rng_state_1\.pth", path)] == []
@@ -139,11 +140,19 @@ def _run_snippet(code: str, tmp_path) -> dict[str, tuple[float, float]]:
 def test_the_readme_snippet_prints_the_probes_before_and_after_training(tmp_path):
     code = _readme_snippet()
     assert 'SimCLRAugmentation.from_preset("digits")' in code and 'metric_key_prefix="untrained"' in code
-    fast = code.replace('backbone="resnet18"', 'backbone="test_resnet"').replace("max_steps=200", "max_steps=2")
-    fast = fast.replace("image_size=32)", "image_size=16)").replace(
-        'from_preset("digits")', 'from_preset("digits", image_size=16)'
-    )
-    assert fast.count("test_resnet") == 1 and "max_steps=2," in fast
+    substitutions = {  # the same program on a tiny encoder, 2 steps, 16 px and fewer probe rows
+        'backbone="resnet18"': 'backbone="test_resnet"',
+        "max_steps=200": "max_steps=2",
+        "image_size=32,": "image_size=16,",
+        'from_preset("digits")': 'from_preset("digits", image_size=16)',
+        'ProbeEvaluator(splits["train"], splits["test"],': 'ProbeEvaluator(splits["train"].select(range(200)), '
+        'splits["test"].select(range(100)),',
+        "eval_pixel_values, seed=args.seed)": "eval_pixel_values, seed=args.seed, num_draws=1, shots_per_class=2)",
+    }
+    fast = code
+    for old, new in substitutions.items():
+        assert fast.count(old) == 1, old
+        fast = fast.replace(old, new)
     numbers = _run_snippet(fast, tmp_path)
     assert all(0 < before <= 1 and 0 < after <= 1 for before, after in numbers.values())
 
@@ -466,18 +475,6 @@ def test_the_log_is_one_readable_line_per_event_and_every_run_leaves_a_plot(fini
     assert {"loss", "acceptance_rate", "outside_batch_sample_fraction", "knn_monitor_accuracy"} <= set(curves)
     assert curves["loss"]["step"] == [1, 2, 3, 4] and curves["knn_monitor_accuracy"]["step"] == [2, 4]
     assert (output_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_a_cpu_run_prints_no_library_noise(tmp_path):
-    command = [sys.executable, "recipes/stl10.py", *TINY, "--max_steps", "2", "--save_steps", "2"]
-    command += ["--output_dir", str(tmp_path), "--disable_tqdm", "false"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = result.stderr + result.stdout
-    for noise in ("pin_memory", "super().__init__(loader)", "Writing model shards", "MarkovChainState(", "Warning"):
-        assert noise not in log, noise
-    (start,) = [line for line in log.splitlines() if "Pre-training" in line]
-    assert '{"objective": "emc2", "inverse_temperature": 5.0' in start
 
 
 # ---------------------------------------------------------------- a model card a Hub visitor can trust

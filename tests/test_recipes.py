@@ -64,8 +64,15 @@ def check_output(output_dir, log):
 
 def test_stl10_recipe_runs_offline_on_digits(tmp_path):
     result = run([sys.executable, "recipes/stl10.py", *FAST, "--output_dir", str(tmp_path)], tmp_path)
-    check_output(tmp_path, result.stderr + result.stdout)
+    log = result.stderr + result.stdout
+    check_output(tmp_path, log)
     assert "'acceptance_rate'" in result.stdout
+    # A log a person reads: no library noise on CPU, one line per event.
+    for noise in ("pin_memory", "super().__init__(loader)", "Writing model shards", "MarkovChainState(", "Warning"):
+        assert noise not in log, noise
+    (start,) = [line for line in log.splitlines() if "Pre-training" in line]
+    assert '{"objective": "emc2", "inverse_temperature": 5.0' in start
+    assert (tmp_path / "training_curves.png").exists()
 
 
 def test_stl10_recipe_under_accelerate_launch(tmp_path):
