@@ -41,6 +41,8 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         presets_dir=PRESETS_DIR,
         default_augmentation="imagenet100",
         default_select_imagenet100=True,
+        prog="imagenet100.py",
+        description=__doc__.split("\n\n")[0],
     )
 
 

@@ -29,7 +29,14 @@ DEFAULTS = {"output_dir": "runs/stl10", "per_device_train_batch_size": 32}
 
 
 def main(args: list[str] | None = None) -> dict[str, float]:
-    return run_recipe(args, defaults=DEFAULTS, presets_dir=PRESETS_DIR, default_augmentation="stl10")
+    return run_recipe(
+        args,
+        defaults=DEFAULTS,
+        presets_dir=PRESETS_DIR,
+        default_augmentation="stl10",
+        prog="stl10.py",
+        description=__doc__.split("\n\n")[0],
+    )
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def test_model_card_renders_the_runs_real_settings_and_metrics(tmp_path, digits,
     export_dir = trainer.export(str(tmp_path / "export"))
     card = (tmp_path / "export" / "README.md").read_text()
     meta = front_matter(card)
-    assert meta["library_name"] == "timm" and meta["datasets"] == ["scikit-learn digits"]
+    assert meta["library_name"] == "timm" and "datasets" not in meta  # only Hub ids belong there
     assert objective in meta["tags"] and "accuracy" in meta["metrics"]
     reported = {m["name"]: m["value"] for r in meta["model-index"][0]["results"] for m in r["metrics"]}
     assert reported["Linear-probe accuracy"] == pytest.approx(metrics["eval_linear_probe_accuracy"], abs=1e-4)
@@ -145,10 +145,11 @@ def test_model_card_renders_the_runs_real_settings_and_metrics(tmp_path, digits,
     assert all(r["dataset"]["split"] == "test" for r in meta["model-index"][0]["results"])
     assert "| inverse temperature β | 7.5 |" in card
     assert "2 steps" in card and f"at step {step}" in card and "| global batch size | 8 images" in card
-    assert 'timm.create_model("hf-hub:' in card and "AutoModel.from_pretrained" in card
+    assert f'timm.create_model("local-dir:{tmp_path / "export"}"' in card and "AutoModel.from_pretrained" in card
     assert "yau2024emc2" in card
     if objective == "emc2":
-        assert "| burn-in P | R//2 |" in card and "yuan2022sogclr" not in card
+        assert "| Metropolis–Hastings proposals R | 14 (default 2b − 2 at b = 8) |" in card
+        assert "| burn-in P | 7 (default R // 2) |" in card and "yuan2022sogclr" not in card
     else:
         assert "| moving-average γ | 0.9 |" in card and "yuan2022sogclr" in card
     import emc2_hf

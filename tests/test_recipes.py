@@ -64,8 +64,15 @@ def check_output(output_dir, log):
 
 def test_stl10_recipe_runs_offline_on_digits(tmp_path):
     result = run([sys.executable, "recipes/stl10.py", *FAST, "--output_dir", str(tmp_path)], tmp_path)
-    check_output(tmp_path, result.stderr + result.stdout)
+    log = result.stderr + result.stdout
+    check_output(tmp_path, log)
     assert "'acceptance_rate'" in result.stdout
+    # A log a person reads: no library noise on CPU, one line per event.
+    for noise in ("pin_memory", "super().__init__(loader)", "Writing model shards", "MarkovChainState(", "Warning"):
+        assert noise not in log, noise
+    (start,) = [line for line in log.splitlines() if "Pre-training" in line]
+    assert '{"objective": "emc2", "inverse_temperature": 5.0' in start
+    assert (tmp_path / "training_curves.png").exists()
 
 
 def test_stl10_recipe_under_accelerate_launch(tmp_path):
@@ -115,10 +122,15 @@ def test_missing_hub_dataset_offline_says_what_to_do(tmp_path):
 
 @pytest.mark.slow
 def test_compare_recipe_runs_every_objective(tmp_path):
-    result = run([sys.executable, "recipes/compare.py", *FAST, "--output_dir", str(tmp_path)], tmp_path)
+    from emc2_hf.objectives import OBJECTIVES
+
+    result = run([sys.executable, "recipes/compare.py", *FAST, f"--output_dir={tmp_path}"], tmp_path)
     comparison = json.loads((tmp_path / "comparison.json").read_text())
-    assert {"untrained", "emc2", "sogclr", "simclr"} <= set(comparison)
-    assert "| emc2 |" in result.stdout
+    assert [entry["objective"] for entry in comparison["configurations"]] == list(OBJECTIVES)
+    assert "| emc2 | 16 | 5 | 1 |" in result.stdout and "| untrained |" in result.stdout
+    assert (tmp_path / "comparison.png").exists() and (
+        tmp_path / "emc2-b16-beta5-seed42" / "eval_results.json"
+    ).exists()
 
 
 TINY_MODEL = ["--backbone", "test_resnet", "--projection_dim", "16", "--projection_hidden_dim", "16"]

@@ -118,7 +118,10 @@ class ContrastiveCollator:
             self._check_columns(row)
         indices = [int(row[self.index_column]) for row in rows]
         self._check_unique(indices)
-        images = [decode_image(row[self.image_column], row=index) for row, index in zip(rows, indices, strict=True)]
+        images = [
+            decode_image(row[self.image_column], row=index, source="the training set")
+            for row, index in zip(rows, indices, strict=True)
+        ]
         keys, slots = [], []
         for view in (0, 1):
             for index in indices:
@@ -190,7 +193,9 @@ class ContrastiveCollator:
         state_pixel_values = batch["pixel_values"].new_empty(0, 3, height, width)
         if state_index.numel():
             images = [
-                decode_image(self.state_source[int(index)][self.image_column], row=int(index))
+                decode_image(
+                    self.state_source[int(index)][self.image_column], row=int(index), source="the training set"
+                )
                 for index in state_index.tolist()
             ]
             state_pixel_values = torch.stack(

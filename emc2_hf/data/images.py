@@ -1,4 +1,4 @@
-"""Decode whatever an image column holds into an RGB PIL image, with errors that name the row."""
+"""Decode whatever an image column holds into an RGB PIL image, with errors that name the row and the file."""
 
 from __future__ import annotations
 
@@ -12,9 +12,31 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa"})
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError)
+SKIP_HINT = "or pass --skip_undecodable_images true (recipes) to drop such rows"
 
 
-def decode_image(value: Any, row: int | None = None) -> Image.Image:
+class UndecodableImageError(ValueError):
+    """An image that is missing or cannot be decoded; the message names the row, its dataset and its file."""
+
+
+def image_file(value: Any) -> str | None:
+    """The file an image value came from, when it says (a ``{"bytes", "path"}`` dict or a path), else None."""
+    if isinstance(value, dict):
+        path = value.get("path")
+        return str(path) if path else None
+    if isinstance(value, str | os.PathLike):
+        return str(value)
+    return None
+
+
+def describe_image(value: Any, row: int | None = None, source: str | None = None) -> str:
+    """``"row 3 of the probe evaluation set (file /data/x.jpg)"``: where an image is, for error messages."""
+    where = f"row {row} of {source or 'the dataset'}" if row is not None else (source or "the input")
+    path = image_file(value)
+    return f"{where} (file {path})" if path else where
+
+
+def decode_image(value: Any, row: int | None = None, source: str | None = None) -> Image.Image:
     """Return ``value`` as an RGB ``PIL.Image.Image``.
 
     Accepts:
@@ -31,21 +53,27 @@ def decode_image(value: Any, row: int | None = None) -> Image.Image:
     palette, CMYK and other modes are converted with ``Image.convert("RGB")``; images with transparency (``RGBA``,
     ``LA``, ``PA``, palette with a transparent colour) are composited on white, so transparent pixels become white.
 
+    Args:
+        value: the image, in any of the forms above.
+        row: its dataset index, for the error message.
+        source: the dataset or split it belongs to, for the error message (e.g. ``"split 'test' of 'jxie/stl10'"``).
+
     Raises:
-        ValueError: naming ``row`` (the dataset index, when given) if ``value`` is ``None`` or cannot be decoded.
+        UndecodableImageError: (a ``ValueError``) naming ``row``, ``source`` and the file (when ``value`` names one)
+            if ``value`` is ``None`` or cannot be decoded.
     """
-    where = f"row {row} of the dataset" if row is not None else "the input"
+    where = describe_image(value, row, source)
     if value is None:
-        raise ValueError(
+        raise UndecodableImageError(
             f"The image in {where} is missing (None). Fill it in or remove that row, e.g. "
-            "dataset.filter(lambda row: row['image'] is not None)."
+            f"dataset.filter(lambda row: row['image'] is not None), {SKIP_HINT}."
         )
     try:
         return _to_rgb(_to_pil(value))
     except _DECODE_ERRORS as error:
-        raise ValueError(
-            f"Could not decode the image in {where} ({type(error).__name__}: {error}). Fix or remove that row, e.g. "
-            "dataset.filter(...)."
+        raise UndecodableImageError(
+            f"Could not decode the image in {where} ({type(error).__name__}: {error}). Fix or remove that row, "
+            f"{SKIP_HINT}."
         ) from error
 
 
@@ -107,3 +135,35 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def find_undecodable_images(
+    dataset: Any, image_column: str = "image", source: str | None = None, batch_size: int = 256
+) -> list[tuple[int, str]]:
+    """Decode every image of ``dataset`` once; return ``(row, description)`` of each that fails.
+
+    ``dataset`` is a ``datasets.Dataset`` (an ``Image`` column is read undecoded, so a corrupt file is caught here and
+    not inside ``datasets``) or a sequence of dict rows. Rows come in order; a description reads e.g.
+    ``"row 7 of split 'train' (file /data/train/cat/7.jpg)"``.
+    """
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
+        feature = dataset.features.get(image_column)
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    failures = []
+    for start in range(0, len(dataset), batch_size):
+        stop = min(start + batch_size, len(dataset))
+        if isinstance(dataset, datasets.Dataset):
+            values = dataset[start:stop][image_column]
+        else:
+            values = [dataset[row][image_column] for row in range(start, stop)]
+        for row, value in enumerate(values, start=start):
+            try:
+                if value is None:
+                    raise ValueError("missing")
+                _to_rgb(_to_pil(value))
+            except _DECODE_ERRORS:
+                failures.append((row, describe_image(value, row, source)))
+    return failures

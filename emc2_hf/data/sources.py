@@ -23,6 +23,51 @@ def _offline_hint(name: str) -> str:
     )
 
 
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a Hub dataset id (``"name"`` or ``"owner/name"``).
+
+    A path starts with ``/``, ``.`` or ``~``, has more than one ``/``, or starts with a folder that exists here.
+    """
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
+        return True
+    return "/" in name and os.path.isdir(name.split("/", 1)[0])
+
+
+def _missing_path_message(name: str) -> str:
+    path = os.path.abspath(os.path.expanduser(name))
+    message = f"no such file or folder {name!r}"
+    if path != name:
+        message += f" (looked for {path})"
+    parent = os.path.dirname(path)
+    while parent and not os.path.isdir(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if os.path.isdir(parent):
+        entries = sorted(os.listdir(parent))
+        shown = ", ".join(entries[:12]) + (", ..." if len(entries) > 12 else "")
+        message += f"; {parent} holds: {shown or 'nothing'}"
+    return message + ". Check the path (a Hub dataset is named 'owner/name')."
+
+
+class SingleSplitError(DatasetUnavailableError):
+    """A split other than ``train`` was asked of data that has no splits (one file, or one saved ``Dataset``)."""
+
+
+SINGLE_SPLIT = "train"
+
+
+def _single_split(dataset: datasets.Dataset, where: str, split: str) -> datasets.Dataset:
+    """``dataset`` as the only split, ``"train"``; any other split name is refused rather than silently ignored."""
+    parts = [part.strip() for part in split.split("+")]
+    if all(part == SINGLE_SPLIT for part in parts):
+        return dataset
+    other = next(part for part in parts if part != SINGLE_SPLIT)
+    raise SingleSplitError(
+        f"{where} is a single dataset without splits ({len(dataset)} rows, read as split {SINGLE_SPLIT!r}), so it "
+        f"has no split {other!r}. Measure the probes on a seeded hold-out of it with --eval_holdout_fraction 0.2 "
+        f"(recipes; --probe_train_split {SINGLE_SPLIT}), or point --dataset_name at a folder with one file per split."
+    )
+
+
 def _is_saved_to_disk(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json"))
 
@@ -31,7 +76,7 @@ def _from_disk(path: str, split: str) -> datasets.Dataset:
     """``split`` (``"a"`` or ``"a+b"``) of a folder written by ``save_to_disk``."""
     saved = datasets.load_from_disk(path)
     if isinstance(saved, datasets.Dataset):
-        return saved
+        return _single_split(saved, f"the dataset saved at {path!r}", split)
     parts = [part.strip() for part in split.split("+")]
     missing = [part for part in parts if part not in saved]
     if missing:
@@ -59,13 +104,19 @@ def load_image_split(
     * a local folder written by ``save_to_disk``;
     * a local folder of parquet/arrow files (a downloaded Hub repository, whose file names give the splits, e.g.
       ``data/unlabeled-00000-of-00001.parquet``) or of images (``imagefolder``: ``DIR/<split>/<class>/<image>``);
-    * a single local parquet/arrow file (then ``split`` only names it).
+    * a single local parquet/arrow file.
 
-    ``split`` accepts ``"a+b"`` to concatenate splits (STL-10: ``"unlabeled+train"``). Raises
+    Data without splits (one file, or one saved ``Dataset``) is the split ``"train"``; asking it for another split
+    raises :class:`SingleSplitError` (never the training rows under another name). ``split`` accepts ``"a+b"`` to
+    concatenate splits (STL-10: ``"unlabeled+train"``). A name that looks like a path (see
+    :func:`looks_like_local_path`) but does not exist is reported as a missing path, not a missing Hub dataset. Raises
     :class:`DatasetUnavailableError` naming the dataset and split that failed, why, and how to use a local copy; and,
     if ``image_column`` is given and missing, one listing the columns that exist.
     """
     where = f"{name!r}" + (f" (configuration {config_name!r})" if config_name else "")
+    name = os.path.expanduser(name)
+    if not os.path.exists(name) and looks_like_local_path(name):
+        raise DatasetUnavailableError(_missing_path_message(name))
     try:
         if os.path.isdir(name) and _is_saved_to_disk(name):
             dataset = _from_disk(name, split)
@@ -77,6 +128,7 @@ def load_image_split(
                     "pass a folder for imagefolder data"
                 )
             dataset = datasets.load_dataset(builder, data_files={"train": name}, split="train", cache_dir=cache_dir)
+            dataset = _single_split(dataset, f"the file {name!r}", split)
         else:
             dataset = datasets.load_dataset(name, config_name, split=split, data_dir=data_dir, cache_dir=cache_dir)
     except DatasetUnavailableError:

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from ..data.images import decode_image
+
 ArrayLike = torch.Tensor | np.ndarray | Sequence
 
 
@@ -179,6 +181,18 @@ def _column(dataset: Any, start: int, stop: int, column: str) -> list:
     return [dataset[i][column] for i in range(start, stop)]
 
 
+def _undecoded(dataset: Any, column: str) -> Any:
+    """``dataset`` with an ``Image`` column left undecoded, so :func:`decode_image` decodes it and can name the file
+    of an image that fails (``datasets`` would raise PIL's error naming nothing)."""
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
+        feature = dataset.features.get(column)
+        if isinstance(feature, datasets.Image) and feature.decode:
+            return dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
+
+
 def _labels(dataset: Any, column: str) -> np.ndarray:
     if hasattr(dataset, "column_names"):
         return np.asarray(dataset[column])
@@ -192,6 +206,7 @@ def extract_features(
     image_column: str = "image",
     batch_size: int = 256,
     device: torch.device | str | None = None,
+    source: str = "the evaluation data",
 ) -> torch.Tensor:
     """Backbone features of every row of ``dataset``, computed in eval mode without gradients.
 
@@ -204,13 +219,18 @@ def extract_features(
         image_column: the column holding the images.
         batch_size: rows encoded per forward pass.
         device: where the model runs (default: the device of its first parameter, else CPU).
+        source: what ``dataset`` is, for error messages (e.g. ``"the probe evaluation set"``).
 
     Returns:
         ``FloatTensor[n, d]`` on CPU, in row order.
+
+    Raises:
+        UndecodableImageError: naming the row, ``source`` and the file of an image that cannot be decoded.
     """
-    _check_column(dataset, image_column, "the evaluation data")
+    _check_column(dataset, image_column, source)
     if len(dataset) == 0:
-        raise ValueError("the evaluation data has no rows")
+        raise ValueError(f"{source} has no rows")
+    dataset = _undecoded(dataset, image_column)
     if device is None:
         device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
     was_training = model.training
@@ -219,7 +239,8 @@ def extract_features(
     try:
         with torch.no_grad():
             for start in range(0, len(dataset), batch_size):
-                images = _column(dataset, start, min(start + batch_size, len(dataset)), image_column)
+                values = _column(dataset, start, min(start + batch_size, len(dataset)), image_column)
+                images = [decode_image(value, row, source) for row, value in enumerate(values, start=start)]
                 pixel_values = pixel_values_fn(images).to(device)
                 chunks.append(model(pixel_values=pixel_values).features.float().cpu())
     finally:
@@ -235,6 +256,7 @@ class ProbeEvaluator:
     extracts the features of both splits with :func:`extract_features` and returns :func:`probe_metrics`' four
     accuracies: ``linear_probe_accuracy``, ``knn_accuracy``, ``fewshot_linear_probe_accuracy`` and
     ``fewshot_knn_accuracy``. Few-shot probes need ``shots_per_class`` train examples of every class.
+    ``train_name`` and ``test_name`` say what the splits are in error messages (e.g. an undecodable image's).
     """
 
     train_dataset: Any
@@ -246,6 +268,8 @@ class ProbeEvaluator:
     num_draws: int = 10
     batch_size: int = 256
     seed: int = 0
+    train_name: str = "the probe-fitting set"
+    test_name: str = "the probe evaluation set"
 
     def __post_init__(self) -> None:
         for name, dataset in (("train_dataset", self.train_dataset), ("test_dataset", self.test_dataset)):
@@ -282,6 +306,6 @@ class ProbeEvaluator:
 
     def _features(self, model: torch.nn.Module, device: torch.device | str | None) -> tuple[torch.Tensor, ...]:
         return tuple(
-            extract_features(model, self.pixel_values_fn, dataset, self.image_column, self.batch_size, device)
-            for dataset in (self.train_dataset, self.test_dataset)
+            extract_features(model, self.pixel_values_fn, dataset, self.image_column, self.batch_size, device, name)
+            for dataset, name in ((self.train_dataset, self.train_name), (self.test_dataset, self.test_name))
         )

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from .model_card import OBJECTIVE_TITLES, ModelCardData, objective_settings, render_model_card
+from .model_card import ModelCardData, objective_settings, objective_title, render_model_card
 
 RETRIEVAL_METRICS = {
     "image_to_text_recall@1": ("Image→text recall@1", "Image-to-text retrieval", "image-text-retrieval", "recall"),
@@ -79,7 +79,7 @@ def dual_encoder_model_card(
         repo_id=repo_id,
         license=card.license,
         objective=card.objective,
-        objective_title=OBJECTIVE_TITLES.get(card.objective, card.objective),
+        objective_title=objective_title(card.objective),
         objective_settings=objective_settings(card.objective_config),
         image_tower=_tower_name(model, "vision"),
         text_tower=_tower_name(model, "text"),

@@ -14,13 +14,23 @@ PROBE_NAMES = {
     "fewshot_linear_probe_accuracy": ("Few-shot linear-probe accuracy", "Few-shot linear probe"),
     "fewshot_knn_accuracy": ("Few-shot 1-NN accuracy", "Few-shot 1-nearest-neighbour"),
 }
-OBJECTIVE_TITLES = {"emc2": "EMC²", "sogclr": "SogCLR", "simclr": "SimCLR (InfoNCE)"}
 SETTING_NAMES = {
     "inverse_temperature": "inverse temperature β",
     "num_proposals": "Metropolis–Hastings proposals R",
     "burn_in": "burn-in P",
+    "chains_per_example": "chains per example (one per view)",
+    "weighting": "negative weights from the samples",
+    "view_choices": "view picks averaged",
+    "chain_fraction": "fraction of chains run per epoch",
     "gamma": "moving-average γ",
 }
+
+
+def objective_title(name: str) -> str:
+    """The card's title of the objective registered as ``name`` (the name itself if unregistered)."""
+    from ..objectives import OBJECTIVES
+
+    return OBJECTIVES[name].title if name in OBJECTIVES else name
 
 
 @dataclass
@@ -28,12 +38,18 @@ class ModelCardData:
     """What the trainer cannot know about a run, for the model card: where the data came from.
 
     Attributes:
-        dataset_name: Hub name or description of the pre-training data (also the card's ``datasets`` metadata).
+        dataset_name: what the pre-training data is, for the card's text (a Hub name, or a description of local data).
         train_split: split(s) pre-trained on.
         probe_train_split: labelled split the probes were fitted on.
-        eval_split: split the probe accuracies were measured on.
+        eval_split: split the probe accuracies were measured on (the model index's ``split``).
         license: the card's license.
         model_name: the card's title (defaults to the repository name).
+        hub_dataset_id: the Hub dataset the data came from, for the card's ``datasets`` metadata (only Hub ids belong
+            there; local data is described by ``dataset_name`` in the text). None: no ``datasets`` entry.
+        eval_split_description: replaces `` `eval_split` `` in the text when the evaluation rows are not a split of
+            their own, e.g. ``"a seeded 20% hold-out of `train`"``.
+        untrained_metrics: the probes of the encoder before pre-training (keys ``untrained_<probe>`` as
+            ``trainer.evaluate(metric_key_prefix="untrained")`` returns them), shown beside the trained ones.
     """
 
     dataset_name: str | None = None
@@ -42,6 +58,9 @@ class ModelCardData:
     eval_split: str = "test"
     license: str = "apache-2.0"
     model_name: str | None = None
+    hub_dataset_id: str | None = None
+    eval_split_description: str | None = None
+    untrained_metrics: dict[str, float] | None = None
 
 
 def render_model_card(template_name: str = "encoder.md", **values: Any) -> str:

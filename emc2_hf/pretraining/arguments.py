@@ -14,6 +14,8 @@ DIGITS = "digits"
 class DataArguments:
     """Where the images come from, which splits play which role, and how views are augmented."""
 
+    _argument_group_name = "data"  # HfArgumentParser's --help group
+
     dataset_name: str = field(
         default=DIGITS,
         metadata={
@@ -30,6 +32,14 @@ class DataArguments:
     )
     probe_train_split: str = field(default="train", metadata={"help": "Labelled split the probes are fitted on."})
     eval_split: str = field(default="test", metadata={"help": "Labelled split the probe accuracy is measured on."})
+    eval_holdout_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Measure the probes on a seeded random fraction of --probe_train_split instead of --eval_split "
+            "(for data with a single split, e.g. one parquet file): those rows are removed from the probe-fitting "
+            "rows and from pre-training, and the model card names the hold-out. Default: use --eval_split."
+        },
+    )
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column: str = field(default="label", metadata={"help": "Column holding the labels (probes only)."})
     select_imagenet100: bool | None = field(
@@ -40,6 +50,13 @@ class DataArguments:
         },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Pre-train on the first N rows only."})
+    skip_undecodable_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Decode every image of every split once before training and drop the rows that fail (their "
+            "count and first files are logged). Default: an undecodable image stops the run, naming its file."
+        },
+    )
     max_probe_train_samples: int | None = field(
         default=None, metadata={"help": "Fit the probes on a seeded random N rows of the probe split."}
     )
@@ -82,10 +99,37 @@ class DataArguments:
         default=10, metadata={"help": "Random few-shot subsets the few-shot accuracies are averaged over."}
     )
 
+    def __post_init__(self) -> None:
+        """Refuse values that cannot work before any data is loaded (the recipes print one line and exit 2)."""
+        for name in ("max_train_samples", "max_probe_train_samples", "max_eval_samples", "knn_monitor_max_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1 (or unset), got {value}")
+        for name in ("image_size", "shots_per_class", "few_shot_draws"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+        if self.eval_holdout_fraction is not None and not 0 < self.eval_holdout_fraction < 1:
+            raise ValueError(f"--eval_holdout_fraction must be in (0, 1), got {self.eval_holdout_fraction}")
+        if self.crop_scale_min is not None and not 0 < self.crop_scale_min <= 1:
+            raise ValueError(f"--crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        for name in ("blur_probability", "horizontal_flip_probability"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"--{name} must be a probability in [0, 1], got {value}")
+        if self.color_jitter_strength < 0:
+            raise ValueError(f"--color_jitter_strength must be >= 0, got {self.color_jitter_strength}")
+        if self.num_augmentations is not None and self.num_augmentations < 2:
+            raise ValueError(
+                f"--num_augmentations {self.num_augmentations} cannot give two different views; use >= 2 (or unset)"
+            )
+
 
 @dataclass
 class ModelArguments:
     """The encoder: a timm backbone and a projection head."""
+
+    _argument_group_name = "model"
 
     backbone: str = field(default="resnet18", metadata={"help": "timm architecture of the backbone."})
     pretrained_backbone: bool = field(default=False, metadata={"help": "Start from timm's pretrained weights."})
@@ -105,6 +149,8 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ValueError(f"--projection_dim must be >= 1 (or None for no head), got {self.projection_dim}")
         if isinstance(self.backbone_kwargs, str):
             try:
                 parsed = json.loads(self.backbone_kwargs)

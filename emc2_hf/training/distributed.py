@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as distributed_functional
 
 
 def world_size() -> int:
@@ -35,7 +34,7 @@ def gather_views(embeddings: torch.Tensor, dataset_indices: torch.Tensor) -> tup
             f"processes hold different numbers of images per batch ({sizes}); keep dataloader_drop_last=True so "
             "every process gets full batches"
         )
-    return interleave_views(distributed_functional.all_gather(embeddings), num_images), gather_rows(dataset_indices)
+    return interleave_views(all_gather_with_grad(embeddings), num_images), gather_rows(dataset_indices)
 
 
 def gather_per_view(values: torch.Tensor) -> torch.Tensor:
@@ -65,11 +64,20 @@ def gather_rows(rows: torch.Tensor, differentiable: bool = False) -> torch.Tenso
     longest = max(sizes)
     padded = torch.cat([rows, rows.new_zeros((longest - rows.shape[0], *rows.shape[1:]))]) if longest else rows
     if differentiable:
-        parts = distributed_functional.all_gather(padded)
+        parts = all_gather_with_grad(padded)
     else:
         parts = [torch.empty_like(padded) for _ in range(size)]
         dist.all_gather(parts, padded.contiguous())
     return torch.cat([part[:count] for part, count in zip(parts, sizes, strict=True)])
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every process's ``tensor`` (same shape on all), in rank order, differentiable: the backward sums the
+    gradients all processes send to each part (a reduce-scatter), so each part's owner receives them."""
+    from torch.distributed._functional_collectives import all_gather_single
+
+    gathered = all_gather_single(tensor.contiguous(), 0, dist.group.WORLD)
+    return list(gathered.chunk(world_size()))
 
 
 def _all_sizes(count: int, device: torch.device) -> list[int]:

@@ -20,11 +20,12 @@ from ..evaluation.callbacks import KNNMonitorCallback, ProbeCallback
 from ..evaluation.diagnostics import GlobalLossCallback, check_diagnostics_size
 from ..evaluation.probes import ProbeEvaluator
 from ..hub.export import export_encoder
-from ..hub.model_card import OBJECTIVE_TITLES, ModelCardData, objective_settings, probe_rows, render_model_card
+from ..hub.model_card import ModelCardData, objective_settings, probe_rows, render_model_card
 from ..objectives import ContrastiveObjective, build_objective, two_view_problem
+from ..objectives.emc2 import CITATION as EMC2_CITATION
 from ..sampling.sample_state import ChainStateTable, load_per_sample_state, save_per_sample_state
 from .arguments import ContrastiveTrainingArguments
-from .distributed import gather_per_view, gather_rows, gather_views
+from .distributed import gather_per_view, gather_rows, gather_views, world_size
 from .optimizers import create_timm_optimizer
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,16 @@ class CollatorEpochCallback(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         if hasattr(self.collator, "epoch"):
             self.collator.epoch = int(state.epoch or 0)
+
+
+def _log_tensorboard_into_output_dir(trainer: Trainer) -> None:
+    """Point TensorBoard at ``output_dir/runs/<date>``: its callback picks a folder only at train begin, so anything
+    logged earlier (e.g. the untrained encoder's probes) would open a writer in ``./runs`` of the working directory."""
+    from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = os.path.join(trainer.args.output_dir, default_logdir())
 
 
 def _check_batch_fits(args: ContrastiveTrainingArguments, num_rows: int, objective: ContrastiveObjective) -> None:
@@ -181,6 +192,7 @@ class ContrastiveTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
+        _log_tensorboard_into_output_dir(self)
         self.objective = objective
         self.chain_table = chain_table
         self.probe_evaluator = probe_evaluator
@@ -303,7 +315,7 @@ class ContrastiveTrainer(Trainer):
                 "(a ProbeEvaluator over labelled train/test splits)"
             )
         model = self.accelerator.unwrap_model(self.model)
-        if self.args.world_size > 1:
+        if world_size() > 1:
             # The main process alone extracts features and fits the probes (N processes would repeat the same
             # work and compete for the CPU); the others receive its numbers.
             payload = [self.probe_evaluator(model, device=self.args.device) if self.is_world_process_zero() else None]
@@ -330,42 +342,50 @@ class ContrastiveTrainer(Trainer):
 
     # ---- Hub: the export, not the raw training checkpoint, is what gets pushed ----
 
-    def model_card(self, repo_id: str | None = None, include_projection_head: bool | None = None) -> str:
-        """The encoder's model card: objective and hyper-parameters, data, training length, probe accuracies."""
+    def model_card(
+        self, repo_id: str | None = None, include_projection_head: bool | None = None, export_dir: str | None = None
+    ) -> str:
+        """The encoder's model card: objective and hyper-parameters, data, training length, probe accuracies.
+
+        ``repo_id`` (else the pushed repository, else ``args.hub_model_id``) is what the card's snippets load; without
+        one they load the local export folder and the card says how to push it. The objective's settings are the
+        numbers used (e.g. EMC²'s R and P at this run's batch), and the untrained encoder's probes
+        (``model_card_data.untrained_metrics``) stand beside the trained ones.
+        """
         from .. import __version__
 
         model = self.accelerator.unwrap_model(self.model)
         augmentation = self.data_collator.augmentation
         card = self.model_card_data
-        repo_id = (
-            repo_id
-            or self.hub_model_id
-            or self.args.hub_model_id
-            or os.path.basename(os.path.abspath(self.args.output_dir))
-        )
+        repo_id = repo_id or self.hub_model_id or self.args.hub_model_id
+        local_dir = export_dir or os.path.join(self.args.output_dir, "export")
         if include_projection_head is None:
             include_projection_head = self.args.export_projection_head
         step, prefix, metrics = self.last_evaluation or (None, "eval", {})
-        config = self.objective.get_config_dict()
-        citations = [self.objective.citation]
-        if self.objective.name != "emc2":
-            from ..objectives import EMC2Objective
-
-            citations.append(EMC2Objective.citation)
+        citations = list(dict.fromkeys([self.objective.citation, EMC2_CITATION]))  # the library's paper, always
+        untrained = {row["name"]: row["value"] for row in probe_rows(card.untrained_metrics or {}, "untrained")}
+        rows = [{**row, "untrained": untrained.get(row["name"])} for row in probe_rows(metrics, prefix)]
+        rows = rows if step is not None else []
         return render_model_card(
-            model_name=card.model_name or repo_id.split("/")[-1],
+            model_name=card.model_name
+            or (repo_id.split("/")[-1] if repo_id else os.path.basename(os.path.abspath(self.args.output_dir))),
             repo_id=repo_id,
+            local_dir=local_dir,
             license=card.license,
             objective=self.objective.name,
-            objective_title=OBJECTIVE_TITLES.get(self.objective.name, self.objective.name),
-            objective_settings=objective_settings(config),
+            objective_title=self.objective.title,
+            objective_settings=objective_settings(
+                self.objective.card_settings(self.args.per_device_train_batch_size * self.args.world_size)
+            ),
             backbone=model.config.backbone,
             feature_dim=model.config.feature_dim,
             includes_projection_head=include_projection_head,
             dataset_name=card.dataset_name,
+            hub_dataset_id=card.hub_dataset_id,
             train_split=card.train_split,
             probe_train_split=card.probe_train_split,
             eval_split=card.eval_split,
+            eval_split_description=card.eval_split_description,
             train_rows=len(self.train_dataset) if self.train_dataset is not None else None,
             batch_size=self.args.per_device_train_batch_size
             * self.args.gradient_accumulation_steps
@@ -383,7 +403,8 @@ class ContrastiveTrainer(Trainer):
             image_size=augmentation.image_size,
             mean=list(augmentation.mean),
             std=list(augmentation.std),
-            metrics=probe_rows(metrics, prefix) if step is not None else [],
+            metrics=rows,
+            has_baseline=any(row["untrained"] is not None for row in rows),
             eval_step=step,
             shots_per_class=getattr(self.probe_evaluator, "shots_per_class", 5),
             num_draws=getattr(self.probe_evaluator, "num_draws", 10),
@@ -410,7 +431,7 @@ class ContrastiveTrainer(Trainer):
                 mean=augmentation.mean,
                 std=augmentation.std,
                 include_projection_head=include_projection_head,
-                model_card=self.model_card(repo_id, include_projection_head),
+                model_card=self.model_card(repo_id, include_projection_head, export_dir=output_dir),
             )
         return output_dir
 
