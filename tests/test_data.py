@@ -58,7 +58,9 @@ def test_collator_puts_view_one_of_every_row_first_then_view_two():
     rows = [{"image": solid(c), "dataset_index": 10 + i, "label": i} for i, c in enumerate(colours)]
     batch = ContrastiveCollator(augmentation=augmentation)(rows)
 
-    assert set(batch) == {"pixel_values", "dataset_index"}
+    assert set(batch) == {"pixel_values", "dataset_index", "view_keys", "view_slots"}
+    assert batch["view_slots"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]  # each view of an image keeps its own chain
+    assert batch["view_keys"].tolist() == [-1] * 8  # unseeded views cannot be re-created
     assert batch["pixel_values"].shape == (8, 3, 16, 16) and batch["pixel_values"].dtype == torch.float32
     assert batch["dataset_index"].dtype == torch.long and batch["dataset_index"].tolist() == [10, 11, 12, 13]
     # Solid colours survive crops and flips, so row k's colour must appear at k (view 1) and k + b (view 2).
@@ -148,13 +150,13 @@ def test_a_corrupt_image_names_its_dataset_index():
         {"image": solid(RED), "dataset_index": 4},
         {"image": {"bytes": b"not an image", "path": None}, "dataset_index": 17},
     ]
-    with pytest.raises(ValueError, match=r"Could not decode the image in row 17 of the dataset .*Fix or remove"):
+    with pytest.raises(ValueError, match=r"Could not decode the image in row 17 of the training set .*Fix or remove"):
         ContrastiveCollator(augmentation=geometric_only())(rows)
 
 
 def test_a_missing_image_names_its_dataset_index():
     rows = [{"image": solid(RED), "dataset_index": 0}, {"image": None, "dataset_index": 9}]
-    with pytest.raises(ValueError, match=r"row 9 of the dataset is missing \(None\)"):
+    with pytest.raises(ValueError, match=r"row 9 of the training set is missing \(None\)"):
         ContrastiveCollator()(rows)
 
 

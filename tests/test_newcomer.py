@@ -265,7 +265,7 @@ def test_an_undecodable_image_is_named_by_its_file_in_the_probes_and_in_training
     rows = list(test.cast_column("image", datasets.Image(decode=False)).add_column("dataset_index", range(len(test))))
     with pytest.raises(
         UndecodableImageError,
-        match=rf"row \d+ of the dataset \(file {re.escape(str(broken))}\).*--skip_undecodable_images",
+        match=rf"row \d+ of the training set \(file {re.escape(str(broken))}\).*--skip_undecodable_images",
     ):
         collator(rows)
     # The recipe: one line naming the file and the way out.
@@ -472,7 +472,7 @@ def test_help_lists_the_recipes_groups_first_with_descriptions_and_one_default_e
 def test_the_log_is_one_readable_line_per_event_and_every_run_leaves_a_plot(finished_run):
     output_dir, _, _ = finished_run
     curves = json.loads((output_dir / "training_curves.json").read_text())
-    assert {"loss", "acceptance_rate", "outside_batch_sample_fraction", "knn_monitor_accuracy"} <= set(curves)
+    assert {"loss", "acceptance_rate", "reencoded_fraction", "knn_monitor_accuracy"} <= set(curves)
     assert curves["loss"]["step"] == [1, 2, 3, 4] and curves["knn_monitor_accuracy"]["step"] == [2, 4]
     assert (output_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

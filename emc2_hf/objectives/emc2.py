@@ -362,8 +362,10 @@ class EMC2Objective(ContrastiveObjective):
         num_proposals, burn_in = self.sweep_lengths(global_batch_size)
         return {
             "inverse_temperature": self.inverse_temperature,
-            "num_proposals": num_proposals,
-            "burn_in": burn_in,
+            "num_proposals": num_proposals
+            if self.num_proposals is not None
+            else f"{num_proposals} (default 2b − 2 at b = {global_batch_size})",
+            "burn_in": burn_in if self.burn_in is not None else f"{burn_in} (default R // 2)",
             "chains_per_example": self.chains.num_slots,
             "weighting": self.weighting,
             **({"view_choices": self.view_choices} if self.weighting == "conditional" else {}),
