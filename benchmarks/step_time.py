@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from emc2_hf import ContrastiveEncoder, ContrastiveEncoderConfig
-from emc2_hf.objectives import OBJECTIVES, build_objective, states_to_encode, two_view_problem
-from emc2_hf.sampling import keyed_generator
+from emc2_hf.objectives import OBJECTIVES, build_objective, parse_objective_spec, states_to_encode, two_view_problem
+from emc2_hf.sampling import chain_selection, keyed_generator
 
 from common import median_seconds, print_table
 
@@ -43,8 +43,10 @@ class SimulatedBatches:
     def __init__(self, size: int, batch_size: int, device: torch.device) -> None:
         self.size, self.batch_size, self.device = size, batch_size, device
         self.generator = torch.Generator().manual_seed(0)
+        self.count = 0
 
     def next(self) -> dict[str, torch.Tensor]:
+        self.count += 1
         indices = torch.randperm(self.size, generator=self.generator)[: self.batch_size]
         view_keys = torch.randint(0, 2**62, (2 * self.batch_size,), generator=self.generator)
         slots = torch.arange(2).repeat_interleave(self.batch_size)
@@ -52,15 +54,24 @@ class SimulatedBatches:
             "indices": indices.to(self.device),
             "view_keys": view_keys.to(self.device),
             "slots": slots.to(self.device),
+            "epoch": self.count * self.batch_size // self.size,
         }
 
 
 def state_arguments(objective, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The starts of the batch's chains and the states to encode (without their embeddings)."""
     keys = batch["indices"].repeat(2)
+    chained = chain_selection(0, batch["epoch"], keys.cpu(), batch["slots"].cpu(), objective.chain_fraction)
+    chained = chained.to(keys.device)
     start_keys, start_views = objective.chain_starts(keys, batch["slots"])
-    state_keys, state_views = states_to_encode(start_keys, start_views, keys, batch["view_keys"])
-    return {"state_keys": state_keys, "state_views": state_views, "start_keys": start_keys, "start_views": start_views}
+    state_keys, state_views = states_to_encode(start_keys, start_views, keys, batch["view_keys"], chained)
+    return {
+        "state_keys": state_keys,
+        "state_views": state_views,
+        "start_keys": start_keys,
+        "start_views": start_views,
+        "chain_anchors": chained,
+    }
 
 
 def main() -> None:
@@ -71,7 +82,12 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=7)
     parser.add_argument("--dataset_size", type=int, default=5000)
     parser.add_argument("--beta", type=float, default=5.0)
-    parser.add_argument("--objectives", nargs="+", default=sorted(OBJECTIVES), choices=sorted(OBJECTIVES))
+    parser.add_argument(
+        "--objectives",
+        nargs="+",
+        default=[*OBJECTIVES, "emc2:chain_fraction=0.25", "emc2:chain_fraction=0.1"],
+        help="registry names or variants 'name:option=value,...'",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default=None, help="append results as JSON lines to this file")
     args = parser.parse_args()
@@ -84,7 +100,10 @@ def main() -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         pixels = torch.randn(2 * batch_size, 3, args.image_size, args.image_size, device=device)
         state_pixels = torch.randn(2 * batch_size, 3, args.image_size, args.image_size, device=device)  # k ≤ 2b
-        objectives = {name: build_objective(name, args.dataset_size, args.beta).to(device) for name in args.objectives}
+        objectives = {}
+        for spec in args.objectives:
+            name, options = parse_objective_spec(spec)
+            objectives[spec] = build_objective(name, args.dataset_size, args.beta, **options).to(device)
         batches = SimulatedBatches(args.dataset_size, batch_size, device)
         state = {"step": 0}
 
