@@ -79,7 +79,7 @@ def test_expected_weights_converge_to_eq_5_with_three_fixed_views_and_pairs_draw
 def test_every_weighting_and_the_chain_fraction_keep_the_expectation(options, measured):
     # Same setting as above. The paper's visit frequencies ("samples"), and the conditional weights with only half the
     # chains running per epoch (the in-batch softmax as control variate): unbiased, the TV halves between 750 and
-    # 3,000 steps (measured: {measured}; the default "recycled" 0.154 / 0.078, "conditional" 0.118 / 0.060).
+    # 3,000 steps (measured: {measured}; "recycled" 0.154 / 0.078, the default "conditional" 0.118 / 0.060).
     views = random_fixed_views(16, 2, 16, seed=0)
     target = views.target(5.0)
     late, early = expected_weights_fixed(views, "emc2", 5.0, 4, 3000, order="epochs", snapshot_at=750, **options)
@@ -525,6 +525,7 @@ def distributed_worker(output_dir: str) -> None:
         num = 4 * size
         local = slice(rank * 4, (rank + 1) * 4)
         inputs = collator(rows[local])  # what this process's DataLoader would deliver
+        whole = collator(rows)  # one process with the global batch, collated before the step updates the table
         loss = trainer.compute_loss(model, inputs)
         model.zero_grad()
         loss.backward()
@@ -532,7 +533,6 @@ def distributed_worker(output_dir: str) -> None:
             dist.all_reduce(parameter.grad)
             parameter.grad /= size
 
-        whole = collator(rows)  # one process with the global batch
         views = whole["pixel_values"]
         embeddings = reference_model(pixel_values=torch.cat([views, whole["state_pixel_values"]])).embeddings
         reference_loss = reference(

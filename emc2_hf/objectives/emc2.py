@@ -178,6 +178,11 @@ class EMC2Objective(ContrastiveObjective):
         burn_in: ``P``; ``None`` means ``R // 2`` (paper: 31 at b = 32, 255 at b = 256).
         seed: key of the picks, proposals and uniforms (with the step).
         num_slots: ``V``, chains per example (2 for two fresh views; ``A`` for ``A`` fixed augmentations).
+        weighting: ``"conditional"`` (default: the lowest-variance of the three in the frozen-feature tests),
+            ``"recycled"`` or ``"samples"`` (eq. (11) as written); all three have the same expectation.
+        view_choices: views of each negative image a sweep may pick from.
+        chain_fraction: ``q``, the fraction of anchor views that run their chain (the rest use the in-batch
+            softmax, which is also the control variate; unbiased for every ``q``).
 
     Inputs: a :class:`~emc2_hf.objectives.ContrastiveProblem` whose state columns hold the re-encoded starts, or
     ``embeddings [2b, d]``, ``dataset_indices [b]`` and the state arguments of
@@ -198,11 +203,12 @@ class EMC2Objective(ContrastiveObjective):
         burn_in: int | None = None,
         seed: int = 0,
         num_slots: int = 2,
-        weighting: str = "recycled",
+        weighting: str | None = None,
         view_choices: int = 1,
         chain_fraction: float = 1.0,
     ) -> None:
         super().__init__(inverse_temperature, seed)
+        weighting = self.default_weighting if weighting is None else weighting
         if weighting not in self.weightings:
             raise ValueError(f"weighting must be one of {self.weightings} for {self.name}, got {weighting!r}")
         if view_choices < 1:
@@ -228,6 +234,7 @@ class EMC2Objective(ContrastiveObjective):
         self.chains = MarkovChainState(num_samples, num_slots)
 
     weightings = ("samples", "recycled", "conditional")
+    default_weighting = "conditional"
     """``samples``: eq. (11)'s visit frequencies; ``recycled``: each sample replaced by its expectation given the
     step's proposal (:func:`rao_blackwellized_weights`); ``conditional``: the samples replaced by their expectation
     given the sweep's candidate set (:func:`conditional_weights`)."""
@@ -395,6 +402,7 @@ class EMC2InBatchObjective(EMC2Objective):
     title = "EMC² in-batch variant (no re-encoding; biased toward the batch softmax)"
     reencodes_chain_states = False
     weightings = ("samples", "recycled")
+    default_weighting = "recycled"
 
     def negative_weights(
         self, problem: ContrastiveProblem, generator: torch.Generator
