@@ -234,10 +234,10 @@ class EMC2Objective(ContrastiveObjective):
         self.chains = MarkovChainState(num_samples, num_slots)
 
     weightings = ("samples", "recycled", "conditional")
-    default_weighting = "conditional"
     """``samples``: eq. (11)'s visit frequencies; ``recycled``: each sample replaced by its expectation given the
     step's proposal (:func:`rao_blackwellized_weights`); ``conditional``: the samples replaced by their expectation
     given the sweep's candidate set (:func:`conditional_weights`)."""
+    default_weighting = "conditional"
 
     def _chained(self, problem: ContrastiveProblem) -> torch.Tensor | None:
         """``BoolTensor[A]`` of the anchors that run their chain this step, or ``None`` for all of them."""
