@@ -6,6 +6,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from worker_exit import finish
 
 from emc2_hf.objectives import OBJECTIVES, build_objective, states_to_encode
 from emc2_hf.training.distributed import gather_per_view, gather_rows, gather_views
@@ -100,7 +101,6 @@ def objective_equivalence(output_dir: str) -> None:
         report[name] = checks
     with open(os.path.join(output_dir, f"objectives-rank{rank}.json"), "w") as handle:
         json.dump(report, handle)
-    dist.destroy_process_group()
 
 
 def trainer_state(output_dir: str) -> None:
@@ -222,3 +222,4 @@ def batch_free_run(output_dir: str) -> None:
 if __name__ == "__main__":
     modes = {"objectives": objective_equivalence, "trainer": trainer_state, "batch_free": batch_free_run}
     modes[sys.argv[1]](sys.argv[2])
+    finish()

@@ -28,3 +28,6 @@ if __name__ == "__main__":
     with open(os.path.join(report_dir, f"rank{rank}.json"), "w") as handle:
         files = sorted({os.path.relpath(path, output_dir) for path in written if path.startswith(output_dir + os.sep)})
         json.dump({"results": results, "written": files}, handle, indent=1)
+    from worker_exit import finish
+
+    finish()

@@ -599,3 +599,6 @@ def test_two_processes_encode_their_delivered_states_and_match_one_process(tmp_p
 
 if __name__ == "__main__":
     {"distributed": distributed_worker}[sys.argv[1]](sys.argv[2])
+    from worker_exit import finish
+
+    finish()

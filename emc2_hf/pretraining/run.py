@@ -32,6 +32,7 @@ from ..evaluation.probes import ProbeEvaluator
 from ..hub.model_card import ModelCardData
 from ..modeling import ContrastiveEncoder, ContrastiveEncoderConfig
 from ..training.arguments import ContrastiveTrainingArguments
+from ..training.distributed import shutdown_process_group
 from ..training.trainer import ContrastiveTrainer
 from .arguments import DIGITS, DataArguments, ModelArguments
 from .checks import (
@@ -489,7 +490,9 @@ def main(
         raise _argument_error(prog, error) from None
     configure_logging()
     try:
-        return run_pretraining(data_args, model_args, training_args, default_augmentation, default_select_imagenet100)
+        results = run_pretraining(
+            data_args, model_args, training_args, default_augmentation, default_select_imagenet100
+        )
     except RecipeArgumentError as error:
         raise _argument_error(prog, error) from None
     except DatasetUnavailableError as error:
@@ -498,3 +501,5 @@ def main(
         raise _exit(_one_line(error), 1, every_process=True) from None
     except HubPushError as error:
         raise _exit(str(error), 1) from None
+    shutdown_process_group()
+    return results

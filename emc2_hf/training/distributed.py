@@ -10,6 +10,19 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def shutdown_process_group() -> None:
+    """End a run under several processes cleanly: wait for every process, then destroy the process group.
+
+    Call it once every process has finished its work (a process still training would hang the barrier). Without it,
+    torch warns at exit that the group was not destroyed, and with gloo on CPU a process can abort in its exit-time
+    destructors (``terminate called without an active exception``) after its work is done, which ``torchrun``
+    reports as a failed run. A no-op without a process group.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def gather_views(embeddings: torch.Tensor, dataset_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """All-gather the two-view embeddings and dataset indices of every process, keeping the autograd graph.
 
