@@ -1,4 +1,5 @@
-"""Evaluation: probes of frozen features (linear, 1-NN, few-shot) and exact global-loss diagnostics."""
+"""Evaluation: probes of frozen features (linear, 1-NN, few-shot), exact global-loss diagnostics, and dual encoders'
+zero-shot classification and image↔text retrieval."""
 
 from .callbacks import KNNMonitorCallback, ProbeCallback
 from .diagnostics import (
@@ -17,6 +18,8 @@ from .probes import (
     linear_probe_accuracy,
     probe_metrics,
 )
+from .retrieval import RetrievalEvaluator, combine_evaluators, retrieval_recall
+from .zero_shot import ZeroShotEvaluator, zero_shot_accuracy, zero_shot_classifier
 
 __all__ = [
     "GlobalDiagnostics",
@@ -24,6 +27,9 @@ __all__ = [
     "KNNMonitorCallback",
     "ProbeCallback",
     "ProbeEvaluator",
+    "RetrievalEvaluator",
+    "ZeroShotEvaluator",
+    "combine_evaluators",
     "check_diagnostics_size",
     "extract_features",
     "few_shot_accuracies",
@@ -33,4 +39,7 @@ __all__ = [
     "knn_accuracy",
     "linear_probe_accuracy",
     "probe_metrics",
+    "retrieval_recall",
+    "zero_shot_accuracy",
+    "zero_shot_classifier",
 ]

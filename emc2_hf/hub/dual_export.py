@@ -11,18 +11,39 @@ from transformers import PreTrainedModel
 
 from .model_card import ModelCardData, objective_settings, objective_title, render_model_card
 
+
+def _recall(direction: str, k: int) -> tuple[str, str, str, str]:
+    arrow = "Image→text" if direction == "image_to_text" else "Text→image"
+    task = "Image-to-text retrieval" if direction == "image_to_text" else "Text-to-image retrieval"
+    return f"{arrow} recall@{k}", task, "image-text-retrieval", "recall"
+
+
 RETRIEVAL_METRICS = {
-    "image_to_text_recall@1": ("Image→text recall@1", "Image-to-text retrieval", "image-text-retrieval", "recall"),
-    "image_to_text_recall@5": ("Image→text recall@5", "Image-to-text retrieval", "image-text-retrieval", "recall"),
-    "text_to_image_recall@1": ("Text→image recall@1", "Text-to-image retrieval", "image-text-retrieval", "recall"),
-    "text_to_image_recall@5": ("Text→image recall@5", "Text-to-image retrieval", "image-text-retrieval", "recall"),
+    "zero_shot_top1": (
+        "Zero-shot top-1 accuracy",
+        "Zero-shot classification",
+        "zero-shot-image-classification",
+        "accuracy",
+    ),
+    "zero_shot_top5": (
+        "Zero-shot top-5 accuracy",
+        "Zero-shot classification",
+        "zero-shot-image-classification",
+        "accuracy",
+    ),
     "zero_shot_accuracy": (
         "Zero-shot accuracy",
         "Zero-shot classification",
         "zero-shot-image-classification",
         "accuracy",
     ),
+    **{
+        f"{direction}_recall@{k}": _recall(direction, k)
+        for direction in ("image_to_text", "text_to_image")
+        for k in (1, 5, 10)
+    },
 }
+"""The metrics a dual encoder's card knows (the keys :class:`~emc2_hf.evaluation.DualEncoderEvaluator` returns)."""
 
 
 @dataclass
@@ -35,6 +56,7 @@ class DualEncoderCardData(ModelCardData):
         citations: BibTeX entries of the methods used (EMC²'s is always added).
         batch_size, steps, optimizer, learning_rate, weight_decay: the run's settings.
         metrics: ``{name: value}`` with names from :data:`RETRIEVAL_METRICS`.
+        untrained_metrics: the same metrics of the model before training (shown beside them), or ``None``.
         image_size, mean, std: the image preprocessing.
     """
 
@@ -47,6 +69,7 @@ class DualEncoderCardData(ModelCardData):
     learning_rate: float | None = None
     weight_decay: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    untrained_metrics: dict[str, float] | None = None
     image_size: int | None = None
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
@@ -67,8 +90,16 @@ def dual_encoder_model_card(
     unknown = sorted(set(card.metrics) - set(RETRIEVAL_METRICS))
     if unknown:
         raise ValueError(f"unknown dual-encoder metric(s) {unknown}; the card knows {sorted(RETRIEVAL_METRICS)}")
+    untrained = card.untrained_metrics or {}
     metrics = [
-        {"name": name, "task": task, "task_type": task_type, "type": kind, "value": float(card.metrics[key])}
+        {
+            "name": name,
+            "task": task,
+            "task_type": task_type,
+            "type": kind,
+            "value": float(card.metrics[key]),
+            "untrained": None if key not in untrained else float(untrained[key]),
+        }
         for key, (name, task, task_type, kind) in RETRIEVAL_METRICS.items()
         if key in card.metrics
     ]
@@ -94,6 +125,7 @@ def dual_encoder_model_card(
         learning_rate=card.learning_rate,
         weight_decay=card.weight_decay,
         metrics=metrics,
+        has_baseline=any(metric["untrained"] is not None for metric in metrics),
         image_size=card.image_size,
         mean=list(card.mean),
         std=list(card.std),

@@ -1,7 +1,7 @@
 """Encoders: a timm backbone with a projection head as a transformers model."""
 
 from .configuration import ContrastiveEncoderConfig
-from .dual_encoder import build_dual_encoder, timm_image_tower
+from .dual_encoder import build_dual_encoder, encode_images, encode_texts, freeze_towers, timm_image_tower
 from .encoder import ContrastiveEncoder, ContrastiveEncoderOutput, projection_head
 
 __all__ = [
@@ -9,6 +9,9 @@ __all__ = [
     "ContrastiveEncoderConfig",
     "ContrastiveEncoderOutput",
     "build_dual_encoder",
+    "encode_images",
+    "encode_texts",
+    "freeze_towers",
     "projection_head",
     "timm_image_tower",
 ]

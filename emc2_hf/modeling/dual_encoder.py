@@ -9,8 +9,10 @@ model with ``get_image_features`` and ``get_text_features``. A timm image tower 
 from __future__ import annotations
 
 import tempfile
+from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoModel, PreTrainedModel, VisionTextDualEncoderModel
 
 from .encoder import ContrastiveEncoder
@@ -62,3 +64,64 @@ def build_dual_encoder(
         model.logit_scale.fill_(logit_scale_init_value)
     model.config.logit_scale_init_value = logit_scale_init_value
     return model
+
+
+def _features(output: Any) -> torch.Tensor:
+    """A tower's features: ``get_*_features`` returns a tensor in older transformers, a model output in newer ones."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for name in ("image_embeds", "text_embeds", "pooler_output"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"cannot read features from {type(output).__name__}; expected a tensor or a pooler_output")
+
+
+def encode_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``FloatTensor[b, p]``: the projected, **unnormalised** image features ``model.get_image_features(...)`` of a
+    dual encoder (``VisionTextDualEncoderModel``, ``CLIPModel``, or anything with that method), with autograd."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return _features(model.get_image_features(pixel_values=pixel_values))
+
+
+def encode_texts(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **text_inputs: torch.Tensor
+) -> torch.Tensor:
+    """``FloatTensor[n, p]``: the projected, **unnormalised** text features ``model.get_text_features(...)``."""
+    model = getattr(model, "module", model)
+    return _features(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask, **text_inputs))
+
+
+def _keep_in_eval_mode(module: nn.Module) -> None:
+    """Make ``module.train(...)`` a no-op that keeps eval mode (BatchNorm statistics and dropout stay fixed)."""
+
+    def train(mode: bool = True) -> nn.Module:
+        return nn.Module.train(module, False)
+
+    module.train = train  # type: ignore[method-assign]
+    module.eval()
+
+
+def freeze_towers(model: nn.Module, image: bool = False, text: bool = False) -> dict[str, int]:
+    """Freeze the image and/or text tower of a dual encoder (``vision_model`` / ``text_model`` of a
+    ``VisionTextDualEncoderModel`` or ``CLIPModel``): no gradients, and eval mode for good (the Trainer's
+    ``model.train()`` leaves a frozen tower's BatchNorm statistics and dropout alone). The projections and the logit
+    scale stay trainable (LiT: a locked image tower, a tuned text tower).
+
+    Returns:
+        ``{"frozen_parameters": n, "trainable_parameters": n}``.
+    """
+    for flag, name in ((image, "vision_model"), (text, "text_model")):
+        if not flag:
+            continue
+        tower = getattr(model, name, None)
+        if not isinstance(tower, nn.Module):
+            raise ValueError(
+                f"cannot freeze the {'image' if name == 'vision_model' else 'text'} tower: {type(model).__name__} has "
+                f"no '{name}' (expected a VisionTextDualEncoderModel or CLIPModel)"
+            )
+        tower.requires_grad_(False)
+        _keep_in_eval_mode(tower)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"frozen_parameters": frozen, "trainable_parameters": trainable}

@@ -8,10 +8,19 @@ from typing import Any
 from .dcl import DecoupledInfoNCEObjective
 from .emc2 import EMC2InBatchObjective, EMC2Objective, visit_frequency_weights
 from .global_loss import global_contrastive_loss
-from .problem import NO_STATE, ContrastiveProblem, states_to_encode, two_view_problem
+from .problem import (
+    NO_STATE,
+    ContrastiveProblem,
+    ImageTextProblems,
+    cross_modal_problem,
+    image_text_problems,
+    states_to_encode,
+    two_view_problem,
+)
 from .simclr import SimCLRObjective
 from .sogclr import SogCLRObjective
 from .surrogate import ContrastiveObjective, ObjectiveOutput, info_nce_loss, surrogate_loss
+from .symmetric import DIRECTIONS, SymmetricObjective, build_image_text_objective
 
 OBJECTIVES: dict[str, type[ContrastiveObjective]] = {
     objective.name: objective
@@ -86,6 +95,7 @@ def parse_objective_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 __all__ = [
+    "DIRECTIONS",
     "NO_STATE",
     "OBJECTIVES",
     "ContrastiveObjective",
@@ -93,11 +103,16 @@ __all__ = [
     "DecoupledInfoNCEObjective",
     "EMC2InBatchObjective",
     "EMC2Objective",
+    "ImageTextProblems",
     "ObjectiveOutput",
     "SimCLRObjective",
     "SogCLRObjective",
+    "SymmetricObjective",
+    "build_image_text_objective",
     "build_objective",
+    "cross_modal_problem",
     "global_contrastive_loss",
+    "image_text_problems",
     "info_nce_loss",
     "parse_objective_spec",
     "states_to_encode",

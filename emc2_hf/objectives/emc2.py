@@ -299,7 +299,7 @@ class EMC2Objective(ContrastiveObjective):
         self, problem: ContrastiveProblem, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         similarities = problem.similarities.detach()
-        log_scores = self.inverse_temperature * similarities  # [A, C] float32
+        log_scores = self.log_score_scale(problem) * similarities  # [A, C] float32, current β
         num_proposals, burn_in = self.sweep_lengths(_num_batch_examples(problem))
 
         start_index, start_view, _ = self._starts(problem)
@@ -408,7 +408,8 @@ class EMC2InBatchObjective(EMC2Objective):
         self, problem: ContrastiveProblem, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         similarities = problem.similarities.detach()
-        log_scores = self.inverse_temperature * similarities
+        beta = self.log_score_scale(problem)
+        log_scores = beta * similarities
         num_proposals, burn_in = self.sweep_lengths(_num_batch_examples(problem))
         in_batch_negatives = F.pad(problem.batch_negative_mask, (0, log_scores.shape[1] - problem.num_batch_columns))
 
@@ -416,7 +417,7 @@ class EMC2InBatchObjective(EMC2Objective):
         start_column = matching_columns(problem, start_index, start_view, problem.num_batch_columns)
         in_batch = start_column != OUTSIDE_BATCH
         rescored = log_scores.gather(1, start_column.clamp(min=0)[:, None]).squeeze(1)
-        initial_log_score = torch.where(in_batch, rescored, self.inverse_temperature * start_similarity)
+        initial_log_score = torch.where(in_batch, rescored, beta * start_similarity)
         proposals = uniform_proposals(in_batch_negatives, num_proposals, generator)
         sweep = metropolis_hastings_sweep(log_scores, proposals, start_column, initial_log_score, burn_in, generator)
         weights = self._sample_weights(sweep, log_scores, in_batch_negatives)

@@ -33,7 +33,7 @@ class SimCLRObjective(ContrastiveObjective):
     def negative_weights(
         self, problem: ContrastiveProblem, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = self.inverse_temperature * problem.batch_similarities.detach()
+        logits = self.log_score_scale(problem) * problem.batch_similarities.detach()
         weights = logits.masked_fill(~problem.info_nce_mask, float("-inf")).softmax(dim=1)
         return _pad_columns(weights, problem), {}
 

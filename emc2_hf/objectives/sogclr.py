@@ -76,7 +76,7 @@ class SogCLRObjective(ContrastiveObjective):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         state = self.moving_average
         negatives = problem.batch_negative_mask
-        log_scores = self.inverse_temperature * problem.batch_similarities.detach()
+        log_scores = self.log_score_scale(problem) * problem.batch_similarities.detach()
         negative_log_scores = log_scores.masked_fill(~negatives, float("-inf"))
         num_negatives = negatives.sum(dim=1)
         if bool((num_negatives != num_negatives[0]).any()):

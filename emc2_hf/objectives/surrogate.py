@@ -26,7 +26,7 @@ def surrogate_loss(
     similarities: torch.Tensor,
     positive_columns: torch.Tensor,
     weights: torch.Tensor,
-    inverse_temperature: float,
+    inverse_temperature: float | torch.Tensor,
 ) -> torch.Tensor:
     """``mean_a [−β s(a, p(a)) + β Σ_c w_ac s(a, c)]`` with ``w`` detached.
 
@@ -34,7 +34,8 @@ def surrogate_loss(
         similarities: ``FloatTensor[A, C]``.
         positive_columns: ``LongTensor[A]``.
         weights: ``FloatTensor[A, C]``, zero outside each anchor's candidates.
-        inverse_temperature: ``β``.
+        inverse_temperature: ``β``, a float or a 0-dim tensor (a learned scale gets the gradient
+            ``mean_a [Σ_c w_ac s(a, c) − s(a, p(a))]``, eq. (11)'s derivative in ``β``).
     """
     positive = similarities.gather(1, positive_columns[:, None]).squeeze(1)
     negative = (weights.detach() * similarities).sum(dim=1)
@@ -44,7 +45,7 @@ def surrogate_loss(
 def info_nce_loss(
     similarities: torch.Tensor,
     positive_columns: torch.Tensor,
-    inverse_temperature: float,
+    inverse_temperature: float | torch.Tensor,
     denominator_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE (eq. (2)): ``mean_a [−β s(a, p(a)) + log Σ_{c ∈ D(a)} exp(β s(a, c))]``.
@@ -52,7 +53,7 @@ def info_nce_loss(
     Args:
         similarities: ``FloatTensor[A, C]``.
         positive_columns: ``LongTensor[A]``.
-        inverse_temperature: ``β``.
+        inverse_temperature: ``β`` (float or 0-dim tensor).
         denominator_mask: ``BoolTensor[A, C]``, the columns ``D(a)`` of each anchor's denominator (negatives and
             positive). Default: every column but the diagonal — SimCLR's NT-Xent over ``[2b, 2b]`` view similarities.
     """
@@ -94,6 +95,9 @@ class ContrastiveObjective(nn.Module):
     citation: ClassVar[str] = ""
     reencodes_chain_states: ClassVar[bool] = False
     """Whether the caller must encode the chain states the batch does not contain (EMC²)."""
+    stream: str | None = None
+    """An extra key of the random numbers (e.g. the direction of an image–text objective), so two instances with
+    one seed draw independent numbers."""
 
     def __init__(self, inverse_temperature: float, seed: int = 0) -> None:
         super().__init__()
@@ -101,6 +105,15 @@ class ContrastiveObjective(nn.Module):
             raise ValueError(f"inverse_temperature must be > 0 (it is 1/τ), got {inverse_temperature}")
         self.inverse_temperature = float(inverse_temperature)
         self.seed = int(seed)
+
+    def scale(self, problem: ContrastiveProblem) -> float | torch.Tensor:
+        """``β`` of ``problem``: its own (a float or a learned tensor, with autograd), else the objective's."""
+        return self.inverse_temperature if problem.inverse_temperature is None else problem.inverse_temperature
+
+    def log_score_scale(self, problem: ContrastiveProblem) -> float | torch.Tensor:
+        """The current, detached ``β`` that negative weights and chain acceptances use (``log score = β s``)."""
+        scale = self.scale(problem)
+        return scale.detach().float() if isinstance(scale, torch.Tensor) else scale
 
     def negative_weights(
         self, problem: ContrastiveProblem, generator: torch.Generator
@@ -140,12 +153,17 @@ class ContrastiveObjective(nn.Module):
             problem = two_view_problem(problem, dataset_indices, **two_view_arguments)
         elif dataset_indices is not None or two_view_arguments:
             raise ValueError("a ContrastiveProblem carries its own keys; pass no dataset_indices or view arguments")
-        generator = keyed_generator(self.seed, self.name, step, micro_step, device=problem.similarities.device)
+        keys = (self.seed, self.name) if self.stream is None else (self.seed, self.name, self.stream)
+        generator = keyed_generator(*keys, step, micro_step, device=problem.similarities.device)
         weights, metrics = self.negative_weights(problem, generator)
-        surrogate = surrogate_loss(problem.similarities, problem.positive_columns, weights, self.inverse_temperature)
+        scale = self.scale(problem)
+        surrogate = surrogate_loss(problem.similarities, problem.positive_columns, weights, scale)
         with torch.no_grad():
             reported = info_nce_loss(
-                problem.batch_similarities, problem.positive_columns, self.inverse_temperature, problem.info_nce_mask
+                problem.batch_similarities,
+                problem.positive_columns,
+                self.log_score_scale(problem),
+                problem.info_nce_mask,
             )
         if problem.num_duplicates_dropped:
             metrics["duplicate_images_dropped"] = torch.tensor(float(problem.num_duplicates_dropped))

@@ -8,7 +8,7 @@ from .metropolis_hastings import (
     uniform_proposals,
     uniform_proposals_from_lists,
 )
-from .random import chain_selection, keyed_generator, keyed_seed
+from .random import chain_selection, keyed_generator, keyed_seed, keyed_transform
 from .sample_state import (
     EMPTY_STATE,
     PER_SAMPLE_STATE_NAME,
@@ -30,6 +30,7 @@ __all__ = [
     "chain_selection",
     "keyed_generator",
     "keyed_seed",
+    "keyed_transform",
     "load_per_sample_state",
     "metropolis_hastings_sweep",
     "one_candidate_per_example",

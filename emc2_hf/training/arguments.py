@@ -67,6 +67,17 @@ class ContrastiveTrainingArguments(TrainingArguments):
         `global_gradient_norm_squared` (the paper's Fig. 7). Refused for fresh augmentations; a dataset larger than
         20,000 views logs a warning and is skipped.
 
+    > Dual encoders (image–text pairs; the collator is an `ImageTextCollator`)
+
+    learn_logit_scale (`bool`, defaults to `True`):
+        Train the model's `logit_scale` (CLIP's learned temperature, `β = exp(logit_scale)`), clamped to
+        `[0, ln 100]` before every step as open_clip does; every objective and the chains' acceptances use its current
+        value. `False`: the scale is frozen and `inverse_temperature` is β.
+    freeze_image_tower (`bool`, defaults to `False`):
+        Keep the image tower's weights (and BatchNorm statistics) fixed; its projection still trains (LiT-style).
+    freeze_text_tower (`bool`, defaults to `False`):
+        Keep the text tower's weights fixed; its projection still trains.
+
     > Export
 
     export_projection_head (`bool`, defaults to `False`):
@@ -116,6 +127,20 @@ class ContrastiveTrainingArguments(TrainingArguments):
     sogclr_gamma: float | None = field(
         default=None,
         metadata={"help": "SogCLR: moving-average weight γ of the new estimate of u, in (0, 1] (default: 0.9)."},
+    )
+
+    learn_logit_scale: bool = field(
+        default=True,
+        metadata={
+            "help": "Dual encoders: train the model's logit_scale (β = exp(logit_scale), clamped at ln 100); false: "
+            "β = --inverse_temperature, fixed."
+        },
+    )
+    freeze_image_tower: bool = field(
+        default=False, metadata={"help": "Dual encoders: freeze the image tower (its projection still trains)."}
+    )
+    freeze_text_tower: bool = field(
+        default=False, metadata={"help": "Dual encoders: freeze the text tower (its projection still trains)."}
     )
 
     export_projection_head: bool = field(

@@ -21,7 +21,7 @@ from ..evaluation.diagnostics import GlobalLossCallback, check_diagnostics_size
 from ..evaluation.probes import ProbeEvaluator
 from ..hub.export import export_encoder
 from ..hub.model_card import ModelCardData, objective_settings, probe_rows, render_model_card
-from ..objectives import ContrastiveObjective, build_objective, two_view_problem
+from ..objectives import ContrastiveObjective, build_image_text_objective, build_objective, two_view_problem
 from ..objectives.emc2 import CITATION as EMC2_CITATION
 from ..sampling.sample_state import ChainStateTable, load_per_sample_state, save_per_sample_state
 from .arguments import ContrastiveTrainingArguments
@@ -63,6 +63,19 @@ def _check_batch_fits(args: ContrastiveTrainingArguments, num_rows: int, objecti
             "dataloader_drop_last=True drops the short batch: no step would run. Lower "
             "--per_device_train_batch_size or add data."
         )
+
+
+def is_image_text(collator: Any) -> bool:
+    """Whether ``collator`` makes image–text batches (an :class:`~emc2_hf.data.ImageTextCollator`)."""
+    return getattr(collator, "modality", "image_views") == "image_text"
+
+
+def _max_captions(dataset: Any, collator: Any) -> int:
+    """The most captions a row has (1 when the collator always takes the first): text→image chains per pair."""
+    if getattr(collator, "caption_choice", "first") == "first":
+        return 1
+    captions = dataset[collator.caption_column]
+    return max([len(value) if isinstance(value, list | tuple) else 1 for value in captions], default=1)
 
 
 def _global_loss_callback(args: ContrastiveTrainingArguments, collator: Any, dataset: Any) -> GlobalLossCallback:
@@ -145,22 +158,50 @@ class ContrastiveTrainer(Trainer):
         train_dataset = with_dataset_index(train_dataset, data_collator.image_column, data_collator.index_column)
         if getattr(data_collator, "seed", False) is None:
             data_collator.seed = args.seed  # views keyed by (seed, epoch, index, view): resumable, worker-independent
+        image_text = is_image_text(data_collator)
         if objective is None:
-            objective = build_objective(
-                args.objective,
-                num_samples=len(train_dataset),
-                inverse_temperature=args.inverse_temperature,
-                seed=args.seed,
+            options = dict(
                 num_proposals=args.num_proposals,
                 burn_in=args.burn_in,
                 gamma=args.sogclr_gamma,
                 weighting=args.emc2_weighting,
                 chain_fraction=args.emc2_chain_fraction,
-                num_slots=getattr(data_collator, "num_state_slots", 2),
             )
+            if image_text:
+                objective = build_image_text_objective(
+                    args.objective,
+                    len(train_dataset),
+                    args.inverse_temperature,
+                    seed=args.seed,
+                    captions_per_pair=_max_captions(train_dataset, data_collator),
+                    **options,
+                )
+            else:
+                objective = build_objective(
+                    args.objective,
+                    num_samples=len(train_dataset),
+                    inverse_temperature=args.inverse_temperature,
+                    seed=args.seed,
+                    num_slots=getattr(data_collator, "num_state_slots", 2),
+                    **options,
+                )
         _check_batch_fits(args, len(train_dataset), objective)
+        if image_text:
+            from ..modeling.dual_encoder import freeze_towers
+
+            if args.emc2_chain_fraction is not None and args.emc2_chain_fraction < 1:
+                raise ValueError("--emc2_chain_fraction < 1 is not supported for image–text pairs yet; leave it at 1")
+
+            freeze_towers(model, image=args.freeze_image_tower, text=args.freeze_text_tower)
+            if not args.learn_logit_scale and isinstance(getattr(model, "logit_scale", None), torch.Tensor):
+                model.logit_scale.requires_grad_(False)
+        elif args.freeze_image_tower or args.freeze_text_tower:
+            raise ValueError("--freeze_image_tower / --freeze_text_tower apply to dual encoders (image–text data)")
         chain_table = None
-        if objective.reencodes_chain_states:
+        if image_text and objective.reencodes_chain_states:
+            chain_table = {direction: ChainStateTable(part.chains) for direction, part in objective.directions.items()}
+            data_collator.attach_chain_states(chain_table, train_dataset)
+        elif objective.reencodes_chain_states:
             if not hasattr(data_collator, "attach_chain_states"):
                 raise ValueError(
                     f"the {objective.name} objective re-encodes chain states, which the collator must deliver; use "
@@ -183,6 +224,8 @@ class ContrastiveTrainer(Trainer):
             knn_monitor = KNNMonitorCallback(monitor_evaluator, args.knn_monitor_steps)
             callbacks.append(knn_monitor)
         if args.global_loss_steps is not None:
+            if image_text:
+                raise ValueError("--global_loss_steps applies to two-view image training, not to image–text pairs")
             callbacks.append(_global_loss_callback(args, data_collator, train_dataset))
         super().__init__(
             model=model,
@@ -194,6 +237,7 @@ class ContrastiveTrainer(Trainer):
         )
         _log_tensorboard_into_output_dir(self)
         self.objective = objective
+        self.image_text = image_text
         self.chain_table = chain_table
         self.probe_evaluator = probe_evaluator
         self._knn_monitor = knn_monitor
@@ -223,7 +267,10 @@ class ContrastiveTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """Encode both views (``pixel_values: [2b, 3, H, W]``) and the delivered chain states
-        (``state_pixel_values: [k, 3, H, W]``) in one forward pass, and evaluate the objective on the global batch."""
+        (``state_pixel_values: [k, 3, H, W]``) in one forward pass, and evaluate the objective on the global batch.
+        Image–text batches go through :func:`~emc2_hf.tasks.image_text_step_problems` instead."""
+        if self.image_text:
+            return self._image_text_loss(model, inputs, return_outputs)
         pixel_values = inputs["pixel_values"]
         num_views = pixel_values.shape[0]
         state_pixel_values = inputs.get("state_pixel_values")
@@ -273,6 +320,30 @@ class ContrastiveTrainer(Trainer):
             self.chain_table.update(self.objective.chains, problem.anchor_keys)
         for name, value in objective_output.metrics.items():
             self._objective_metrics[name].append(value.detach())
+        return (objective_output.loss, outputs) if return_outputs else objective_output.loss
+
+    def _image_text_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        from ..tasks import image_text_step_problems
+
+        state = next(self.objective.buffers(), None)
+        if state is not None and state.device != inputs["pixel_values"].device:
+            self.objective.to(inputs["pixel_values"].device)
+        problems, outputs = image_text_step_problems(
+            model,
+            inputs,
+            index_column=self.data_collator.index_column,
+            with_states=self.objective.reencodes_chain_states,
+            inverse_temperature=self.args.inverse_temperature,
+            learn_logit_scale=self.args.learn_logit_scale,
+        )
+        objective_output = self.objective(problems, step=self.state.global_step, micro_step=self._next_micro_step())
+        if self.chain_table is not None:
+            for (direction, table), problem in zip(self.chain_table.items(), problems, strict=True):
+                table.update(self.objective.directions[direction].chains, problem.anchor_keys)
+        for name, value in objective_output.metrics.items():
+            self._objective_metrics[name].append(value.detach())
+        if self.args.learn_logit_scale:
+            self._objective_metrics["temperature"].append(1.0 / problems.image_to_text.inverse_temperature.detach())
         return (objective_output.loss, outputs) if return_outputs else objective_output.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -337,7 +408,10 @@ class ContrastiveTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_per_sample_state(self.objective, resume_from_checkpoint)
-        if self.chain_table is not None:
+        if isinstance(self.chain_table, dict):
+            for direction, table in self.chain_table.items():
+                table.refresh(self.objective.directions[direction].chains)
+        elif self.chain_table is not None:
             self.chain_table.refresh(self.objective.chains)
 
     # ---- Hub: the export, not the raw training checkpoint, is what gets pushed ----
@@ -355,6 +429,14 @@ class ContrastiveTrainer(Trainer):
         from .. import __version__
 
         model = self.accelerator.unwrap_model(self.model)
+        if self.image_text:
+            from ..hub.dual_export import dual_encoder_model_card
+
+            repo_id = repo_id or self.hub_model_id or self.args.hub_model_id
+            local_dir = export_dir or os.path.join(self.args.output_dir, "export")
+            return dual_encoder_model_card(
+                model, self.dual_encoder_card_data(), repo_id or local_dir, has_tokenizer=self._tokenizer() is not None
+            )
         augmentation = self.data_collator.augmentation
         card = self.model_card_data
         repo_id = repo_id or self.hub_model_id or self.args.hub_model_id
@@ -412,6 +494,54 @@ class ContrastiveTrainer(Trainer):
             citations=citations,
         )
 
+    def _tokenizer(self) -> Any:
+        return (
+            self.processing_class
+            if self.processing_class is not None
+            else getattr(self.data_collator, "tokenizer", None)
+        )
+
+    def dual_encoder_card_data(self) -> Any:
+        """What a dual encoder's card states: this run's objective, settings and length, and the latest evaluation's
+        zero-shot and retrieval numbers beside the untrained model's (``model_card_data.untrained_metrics``)."""
+        from ..hub.dual_export import RETRIEVAL_METRICS, DualEncoderCardData
+
+        card = self.model_card_data
+        _, prefix, metrics = self.last_evaluation or (None, "eval", {})
+
+        def known(values: dict[str, float], prefix: str) -> dict[str, float]:
+            stripped = {key.removeprefix(f"{prefix}_"): value for key, value in values.items()}
+            return {key: value for key, value in stripped.items() if key in RETRIEVAL_METRICS}
+
+        transforms = getattr(self.data_collator, "transforms", None)
+        global_batch = self.args.per_device_train_batch_size * self.args.world_size
+        return DualEncoderCardData(
+            dataset_name=card.dataset_name,
+            train_split=card.train_split,
+            eval_split=card.eval_split,
+            license=card.license,
+            model_name=card.model_name,
+            hub_dataset_id=card.hub_dataset_id,
+            objective=self.objective.name,
+            objective_config={
+                **self.objective.card_settings(global_batch),
+                "inverse_temperature": "learned exp(logit_scale), clamped at 100"
+                if self.args.learn_logit_scale
+                else self.args.inverse_temperature,
+            },
+            citations=[self.objective.citation],
+            batch_size=global_batch * self.args.gradient_accumulation_steps,
+            steps=self.state.global_step,
+            optimizer=getattr(self.args.optim, "value", self.args.optim),
+            learning_rate=self.args.learning_rate,
+            weight_decay=self.args.weight_decay,
+            metrics=known(metrics, prefix),
+            untrained_metrics=known(card.untrained_metrics or {}, "untrained") or None,
+            image_size=getattr(transforms, "image_size", None),
+            mean=tuple(getattr(transforms, "mean", (0.485, 0.456, 0.406))),
+            std=tuple(getattr(transforms, "std", (0.229, 0.224, 0.225))),
+        )
+
     def export(
         self, output_dir: str | None = None, include_projection_head: bool | None = None, repo_id: str | None = None
     ) -> str:
@@ -420,6 +550,18 @@ class ContrastiveTrainer(Trainer):
         Returns the export directory (default ``output_dir/export``).
         """
         output_dir = output_dir or os.path.join(self.args.output_dir, "export")
+        if self.image_text:
+            if self.args.should_save:
+                from ..hub.dual_export import export_dual_encoder
+
+                export_dual_encoder(
+                    self.accelerator.unwrap_model(self.model),
+                    output_dir,
+                    card=self.dual_encoder_card_data(),
+                    tokenizer=self._tokenizer(),
+                    repo_id=repo_id,
+                )
+            return output_dir
         if include_projection_head is None:
             include_projection_head = self.args.export_projection_head
         if self.args.should_save:
