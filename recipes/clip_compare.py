@@ -6,7 +6,9 @@ Offline default (digits with captions, ResNet-18 image tower + MiniLM, 2 epochs 
 
 Every run is ``recipes/clip_finetune.py`` with ``--objective O --per_device_train_batch_size B --seed S`` and the
 extra flags given after ``--``; each writes its own folder. ``comparison.json`` holds every run's metrics and the mean
-± std per (objective, batch size); ``comparison.png`` plots zero-shot top-1 and recall@1 in both directions.
+± std per (objective, batch size); ``comparison.png`` plots zero-shot top-1 and recall@1 in both directions. A run
+whose folder already holds ``eval_results.json`` is read, not retrained: rerun the command to resume a comparison, or
+run objectives in parallel invocations on one ``--output_dir`` and rerun with all of them to tabulate.
 """
 
 from __future__ import annotations
@@ -56,7 +58,11 @@ def plot(rows: list[dict], path: str) -> None:
     figure, axes = plt.subplots(1, len(METRICS), figsize=(4.4 * len(METRICS), 3.6), squeeze=False)
     labels = [f"{row['objective']}\nb={row['batch_size']}" for row in rows]
     for axis, metric in zip(axes[0], METRICS, strict=True):
-        axis.bar(labels, [row[metric] for row in rows], yerr=[row[f"{metric}_std"] for row in rows], capsize=4)
+        values = [row[metric] for row in rows]
+        bars = axis.bar(labels, values, yerr=[row[f"{metric}_std"] for row in rows], capsize=4)
+        axis.bar_label(
+            bars, labels=[f"{value:.3f}" for value in values], label_type="center", color="white", fontsize=8
+        )
         if metric == "zero_shot_top1":
             axis.axhline(rows[0]["untrained_zero_shot_top1"], color="gray", linestyle="--", label="untrained")
             axis.legend(fontsize=8)
@@ -82,7 +88,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "--num_train_epochs", str(args.num_train_epochs), "--warmup_steps", "0.05",
                     *extra,
                 ]  # fmt: skip
-                metrics = finetune(flags)
+                results = os.path.join(output_dir, "eval_results.json")
+                if os.path.isfile(results):  # an earlier (or parallel) invocation ran it: reuse, do not retrain
+                    with open(results) as handle:
+                        metrics = json.load(handle)
+                else:
+                    metrics = finetune(flags)
                 runs.append({"objective": objective, "batch_size": batch_size, "seed": seed, "metrics": metrics})
     rows = summarise(runs)
     os.makedirs(args.output_dir, exist_ok=True)

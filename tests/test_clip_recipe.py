@@ -70,3 +70,17 @@ def test_the_offline_default_fine_tunes_measures_before_and_after_and_exports(tm
     model = AutoModel.from_pretrained(output_dir / "export")
     assert type(model).__name__ == "VisionTextDualEncoderModel"
     assert AutoTokenizer.from_pretrained(output_dir / "export")("a handwritten 3")["input_ids"]
+
+
+def test_a_shipped_preset_sets_the_flags_and_later_flags_win(tmp_path):
+    from emc2_hf.finetuning import parse_arguments
+
+    data_args, model_args, training_args = parse_arguments(
+        ["--config", "flickr30k_clip_b64", "--output_dir", str(tmp_path), "--bf16", "false", "--seed", "3"]
+    )
+    assert data_args.dataset_name == "nlphuji/flickr30k" and data_args.image_size == 224
+    assert model_args.model_name_or_path == "openai/clip-vit-base-patch32"
+    assert training_args.per_device_train_batch_size == 64 and training_args.objective == "emc2"
+    assert training_args.output_dir == str(tmp_path) and training_args.seed == 3
+    with pytest.raises(FileNotFoundError, match="shipped presets are"):
+        parse_arguments(["--config", "no_such_preset"])

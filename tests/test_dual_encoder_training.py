@@ -217,18 +217,20 @@ def _torchrun(mode: str, tmp_path, processes: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["simclr", "emc2"])
+@pytest.mark.parametrize("objective", ["simclr", "sogclr", "dcl", "emc2", "emc2_in_batch"])
 def test_two_processes_fine_tune_exactly_like_one_with_the_global_batch(tmp_path, objective):
     """2 processes × 4 pairs == 1 process × 8 pairs: the same chains and weights equal to float rounding (batch-free
-    towers: GroupNorm image tower, BERT without dropout; plain SGD). Stored similarities are compared to rounding."""
+    towers: GroupNorm image tower, BERT without dropout; plain SGD). Float state (similarities, log u) to rounding."""
     for processes in (1, 2):
         _torchrun(objective, tmp_path, processes)
     single, double = (load_file(str(tmp_path / f"dual-{objective}-{size}.safetensors")) for size in (1, 2))
     for name in single:
-        if name.startswith("chains.") and not name.endswith("state_similarity"):
-            assert torch.equal(single[name], double[name]), name  # the same chain walks: indices and views
+        if not single[name].is_floating_point():
+            assert torch.equal(single[name], double[name]), name  # the same chain walks (indices, views), flags
         else:
-            torch.testing.assert_close(double[name], single[name], rtol=0, atol=1e-6, msg=name)
+            # Per-sample float state carries β = exp(logit_scale) ≈ 14 times the features' rounding (log u: 1.3e-5).
+            tolerance = 1e-4 if name.startswith("chains.") else 1e-6
+            torch.testing.assert_close(double[name], single[name], rtol=0, atol=tolerance, msg=name)
 
 
 def tiny_clip_model():

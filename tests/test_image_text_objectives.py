@@ -207,3 +207,81 @@ def test_emc2_on_pairs_tracks_eq_5_in_both_directions_and_its_error_is_noise():
         tv_short, tv_long = mean_total_variation(early, target), mean_total_variation(late, target)
         assert tv_long < 0.65 * tv_short, (direction, tv_short, tv_long)
         assert tv_long < 0.12, (direction, tv_long)
+
+
+def test_chains_weigh_with_the_problems_current_scale_not_the_objectives():
+    """EMC² built with β = 1 on problems whose (learned) scale is 20, then 3: each pair shows one caption, so every
+    sweep's candidate set is the anchor's in-batch negatives (the chain's start among them) and the conditional
+    weights are the softmax of the *current* β s over them — β = 1 would give other weights."""
+    images, texts = _pairs(num_pairs=5)
+    objective = build_image_text_objective("emc2", num_samples=5, inverse_temperature=1.0)
+    for step, beta in enumerate((20.0, 3.0)):  # step 2 starts from the chains step 1 stored
+        scale = torch.tensor(beta, requires_grad=True)
+        problems = image_text_problems(images, texts, torch.arange(5), inverse_temperature=scale)
+        for direction, problem in zip(("image_to_text", "text_to_image"), problems, strict=True):
+            weights, _ = objective.directions[direction].negative_weights(problem, keyed_generator(step, direction))
+            logits = beta * problem.similarities.detach()
+            torch.testing.assert_close(weights, logits.masked_fill(~problem.negative_mask, -math.inf).softmax(1))
+        chains = objective.image_to_text.chains
+        assert (chains.state_index[:, 0] >= 0).all()  # every chain moved onto a negative
+        stored = chains.state_similarity[:, 0]
+        cosine = problems.image_to_text.similarities.detach()
+        assert torch.allclose(stored, cosine[torch.arange(5), chains.state_index[:, 0]])  # s, not β·s
+
+
+def test_the_symmetric_surrogate_gradient_is_eq_11_of_each_direction_by_hand():
+    """∇ of the objective = ½ Σ_directions mean_a [−β ∇s(a, p(a)) + β Σ_c w_ac ∇s(a, c)] with the weights EMC² draws
+    (visit frequencies, chain states outside the batch re-encoded as state columns), for the features, the state
+    features and a learned β."""
+    import copy
+
+    generator = torch.Generator().manual_seed(5)
+    features = torch.randn(10, 2, 8, generator=generator)  # 10 pairs: [image, text] features
+    objective = build_image_text_objective("emc2", num_samples=10, inverse_temperature=1.0, weighting="samples")
+    batch = torch.tensor([0, 3, 5, 7])
+    outside = {0: (1, 2), 3: (4, 6), 5: (6, 8), 7: (8, 9)}  # each anchor's text state and image state, not in batch
+    for index, (text_state, image_state) in outside.items():
+        objective.image_to_text.chains.state_index[index, 0] = text_state
+        objective.text_to_image.chains.state_index[index, 0] = image_state
+        objective.image_to_text.chains.state_view[index, 0] = objective.text_to_image.chains.state_view[index, 0] = 0
+    zeros = torch.zeros_like(batch)
+    text_start = objective.image_to_text.chain_starts(batch, zeros)
+    text_keys, text_views = states_to_encode(*text_start, batch, zeros)
+    image_start = objective.text_to_image.chain_starts(batch, zeros)
+    image_keys, image_views = states_to_encode(*image_start, batch, zeros)
+    leaves = [
+        features[batch, 0].clone().requires_grad_(),  # images
+        features[batch, 1].clone().requires_grad_(),  # texts
+        features[text_keys, 1].clone().requires_grad_(),  # re-encoded caption states
+        features[image_keys, 0].clone().requires_grad_(),  # re-encoded image states
+        torch.tensor(4.0, requires_grad=True),  # β
+    ]
+
+    def problems():
+        images, texts, state_texts, state_images, scale = leaves
+        return image_text_problems(
+            images,
+            texts,
+            batch,
+            text_states=(state_texts, text_keys, text_views),
+            text_starts=text_start,
+            image_states=(state_images, image_keys, image_views),
+            image_starts=image_start,
+            inverse_temperature=scale,
+        )
+
+    assert problems().image_to_text.similarities.shape == (4, 8)  # 4 texts + 4 state columns
+    reference = copy.deepcopy(objective)  # the same chains: its draws are the objective's (same random keys)
+    weights = [
+        reference.directions[direction].negative_weights(problem, keyed_generator(0, "emc2", direction, 0, 0))[0]
+        for direction, problem in zip(("image_to_text", "text_to_image"), problems(), strict=True)
+    ]
+    assert all((w[:, 4:] > 0).any() for w in weights)  # the state columns carry weight
+    gradients = torch.autograd.grad(objective(problems(), step=0).loss, leaves)
+    scale = leaves[-1]
+    by_hand = 0.5 * sum(
+        (scale * ((w * p.similarities).sum(1) - p.similarities.diagonal())).mean()
+        for w, p in zip(weights, problems(), strict=True)
+    )
+    for mine, theirs in zip(gradients, torch.autograd.grad(by_hand, leaves), strict=True):
+        torch.testing.assert_close(mine, theirs)

@@ -22,7 +22,7 @@ from ..evaluation import RetrievalEvaluator, ZeroShotEvaluator, combine_evaluato
 from ..hub.model_card import ModelCardData
 from ..modeling import ContrastiveEncoder, ContrastiveEncoderConfig, build_dual_encoder, timm_image_tower
 from ..pretraining.checks import RecipeArgumentError, check_launch, resolve_resume_checkpoint
-from ..pretraining.config import launch_defaults
+from ..pretraining.config import _extract_config, launch_defaults, load_config, resolve_config_path, shipped_presets
 from ..pretraining.plots import plot_training_curves
 from ..pretraining.run import _argument_error, _exit, _one_line, configure_logging, random_rows
 from ..training import ContrastiveTrainer, ContrastiveTrainingArguments
@@ -89,6 +89,26 @@ def build_model(model_args: DualEncoderModelArguments, image_size: int) -> tuple
     return model, tokenizer
 
 
+def image_transforms(model_args: DualEncoderModelArguments, model: Any, image_size: int) -> ImageTextTransforms:
+    """The image pipeline: an existing model's own image processor (its mean, std and resampling, at
+    ``image_size``), else the timm tower's normalisation (ImageNet's for a tower trained here)."""
+    if model_args.model_name_or_path:
+        from transformers import AutoImageProcessor
+
+        try:
+            processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+        except (OSError, ValueError):
+            logger.warning("%s has no image processor: using ImageNet's normalisation", model_args.model_name_or_path)
+        else:
+            return ImageTextTransforms.from_image_processor(processor, image_size=image_size, eval_resize=None)
+    config = getattr(model.config.vision_config, "pretrained_cfg", None) or {}
+    return ImageTextTransforms(
+        image_size=image_size,
+        mean=tuple(config.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(config.get("std", (0.229, 0.224, 0.225))),
+    )
+
+
 def load_pairs(data_args: ImageTextDataArguments) -> tuple[datasets.Dataset, datasets.Dataset]:
     """``(train, evaluation)`` pairs with columns ``image`` and ``captions`` (and the label column if any)."""
     if data_args.dataset_name == "digits":
@@ -153,9 +173,7 @@ def run_finetuning(
     train = random_rows(train, data_args.max_train_rows, training_args.seed)
     set_seed(training_args.seed)
     model, tokenizer = build_model(model_args, data_args.image_size)
-    mean = tuple(getattr(model.config.vision_config, "pretrained_cfg", {}).get("mean", (0.485, 0.456, 0.406)))
-    std = tuple(getattr(model.config.vision_config, "pretrained_cfg", {}).get("std", (0.229, 0.224, 0.225)))
-    transforms = ImageTextTransforms(image_size=data_args.image_size, mean=mean, std=std)
+    transforms = image_transforms(model_args, model, data_args.image_size)
     collator = ImageTextCollator(
         tokenizer=tokenizer,
         transforms=transforms,
@@ -206,9 +224,10 @@ def run_finetuning(
     except ValueError as error:
         raise RecipeArgumentError(str(error)) from None
     logger.info(
-        "Fine-tuning a dual encoder (%.1fM parameters) with %s on %d pairs of %r, %d pairs per step",
+        "Fine-tuning a dual encoder (%.1fM parameters) with %s (β %s) on %d pairs of %r, %d pairs per step",
         sum(p.numel() for p in model.parameters()) / 1e6,
-        json.dumps(trainer.objective.get_config_dict(), default=str),
+        json.dumps(trainer.objective.get_config_dict(), default=str, ensure_ascii=False),
+        "= exp(logit_scale), learned" if training_args.learn_logit_scale else "fixed",
         len(train),
         data_args.dataset_name,
         training_args.per_device_train_batch_size * training_args.world_size,
@@ -245,17 +264,50 @@ def run_finetuning(
     return results
 
 
-def main(args: Sequence[str] | None = None, defaults: dict[str, Any] | None = None) -> dict[str, float]:
-    """Parse the flags (``--help`` lists them) and :func:`run_finetuning`; bad flags end with one line, status 2."""
+ARGUMENT_CLASSES = (ImageTextDataArguments, DualEncoderModelArguments, ContrastiveTrainingArguments)
+PRESETS_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "recipes", "presets", "clip"
+)
+
+
+def parse_arguments(
+    args: Sequence[str] | None = None, defaults: dict[str, Any] | None = None, presets_dir: str | None = PRESETS_DIR
+) -> tuple[ImageTextDataArguments, DualEncoderModelArguments, ContrastiveTrainingArguments]:
+    """``(data_args, model_args, training_args)``. Precedence, lowest first: the dataclasses' defaults, the launch's
+    (CPU / several processes), :data:`DEFAULTS` and ``defaults``, the file of ``--config FILE_OR_PRESET`` (YAML or
+    JSON; a bare name is a preset of ``recipes/presets/clip``), then the other flags.
+
+    Raises:
+        ValueError: a bad value or combination, or an unknown flag in the config file.
+        FileNotFoundError: a ``--config`` that is neither a file nor a preset.
+    """
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser.prog = "clip_finetune.py"
+    parser.add_argument(
+        "--config",
+        metavar="FILE_OR_PRESET",
+        default=None,
+        help="A YAML or JSON file of flag values (flags given after it win), or a preset of recipes/presets/clip: "
+        + ", ".join(os.path.splitext(name)[0] for name in shipped_presets(presets_dir)),
+    )
+    values = {**launch_defaults(), **DEFAULTS, **(defaults or {})}
+    config, argv = _extract_config(list(sys.argv[1:] if args is None else args))
+    if config is not None:
+        values.update(load_config(resolve_config_path(config, presets_dir), ARGUMENT_CLASSES))
+    parser.set_defaults(**values)
+    data_args, model_args, training_args, _ = parser.parse_args_into_dataclasses(args=argv)
+    return data_args, model_args, training_args
+
+
+def main(
+    args: Sequence[str] | None = None, defaults: dict[str, Any] | None = None, presets_dir: str | None = PRESETS_DIR
+) -> dict[str, float]:
+    """Parse the flags (:func:`parse_arguments`; ``--help`` lists them) and :func:`run_finetuning`. A bad flag ends
+    with one line and status 2; a dataset that cannot be loaded or an undecodable image with status 1."""
     prog = "clip_finetune.py"
-    parser = HfArgumentParser((ImageTextDataArguments, DualEncoderModelArguments, ContrastiveTrainingArguments))
-    parser.prog = prog
-    parser.set_defaults(**{**launch_defaults(), **DEFAULTS, **(defaults or {})})
     try:
-        data_args, model_args, training_args = parser.parse_args_into_dataclasses(
-            args=list(sys.argv[1:] if args is None else args)
-        )
-    except ValueError as error:
+        data_args, model_args, training_args = parse_arguments(args, defaults, presets_dir)
+    except (ValueError, FileNotFoundError) as error:
         raise _argument_error(prog, error) from None
     configure_logging()
     try:

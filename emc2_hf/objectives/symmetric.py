@@ -88,11 +88,19 @@ class SymmetricObjective(nn.Module):
         loss = 0.5 * (outputs["image_to_text"].loss + outputs["text_to_image"].loss)
         return ObjectiveOutput(loss=loss, metrics=metrics)
 
+    def _chains(self, settings: dict[str, Any]) -> dict[str, Any]:
+        if "chains_per_example" in settings:
+            settings["chains_per_example"] = (
+                f"{self.image_to_text.chains.num_slots} image→text + {self.text_to_image.chains.num_slots} text→image "
+                "(one per caption)"
+            )
+        return settings
+
     def get_config_dict(self) -> dict[str, Any]:
-        return {**self.image_to_text.get_config_dict(), "directions": "image→text + text→image"}
+        return self._chains({**self.image_to_text.get_config_dict(), "directions": "image→text + text→image"})
 
     def card_settings(self, global_batch_size: int) -> dict[str, Any]:
-        return self.image_to_text.card_settings(global_batch_size)
+        return self._chains(dict(self.image_to_text.card_settings(global_batch_size)))
 
 
 def build_image_text_objective(

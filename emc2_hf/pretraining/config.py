@@ -121,18 +121,21 @@ def resolve_config_path(config: str, presets_dir: str | None) -> str:
 
 def shipped_presets(presets_dir: str | None) -> list[str]:
     """File names of the presets in ``presets_dir`` (empty if there is none)."""
-    return sorted(os.listdir(presets_dir)) if presets_dir and os.path.isdir(presets_dir) else []
+    if not (presets_dir and os.path.isdir(presets_dir)):
+        return []
+    return sorted(name for name in os.listdir(presets_dir) if os.path.isfile(os.path.join(presets_dir, name)))
 
 
-def load_config(path: str) -> dict[str, Any]:
-    """The flat ``{argument: value}`` mapping of a YAML or JSON config file, checked against the recipe's arguments."""
+def load_config(path: str, argument_classes: Sequence[type] = ARGUMENT_CLASSES) -> dict[str, Any]:
+    """The flat ``{argument: value}`` mapping of a YAML or JSON config file, checked against the recipe's arguments
+    (the fields of ``argument_classes``)."""
     with open(path) as handle:
         values = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise ValueError(f"config file {path!r} must hold a mapping of argument names to values")
-    known = {field.name for cls in ARGUMENT_CLASSES for field in fields(cls) if field.init}
+    known = {field.name for cls in argument_classes for field in fields(cls) if field.init}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"config file {path!r} sets unknown argument(s) {unknown}; see the recipe's --help")
