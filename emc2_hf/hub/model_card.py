@@ -61,6 +61,8 @@ class ModelCardData:
     hub_dataset_id: str | None = None
     eval_split_description: str | None = None
     untrained_metrics: dict[str, float] | None = None
+    evaluation_note: str | None = None
+    """Dual encoders: a sentence on how zero-shot and retrieval were measured, printed under them on the card."""
 
 
 def render_model_card(template_name: str = "encoder.md", **values: Any) -> str:

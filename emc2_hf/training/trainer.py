@@ -537,6 +537,7 @@ class ContrastiveTrainer(Trainer):
             weight_decay=self.args.weight_decay,
             metrics=known(metrics, prefix),
             untrained_metrics=known(card.untrained_metrics or {}, "untrained") or None,
+            evaluation_note=getattr(card, "evaluation_note", None),
             image_size=getattr(transforms, "image_size", None),
             mean=tuple(getattr(transforms, "mean", (0.485, 0.456, 0.406))),
             std=tuple(getattr(transforms, "std", (0.229, 0.224, 0.225))),
