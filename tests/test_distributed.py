@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def torchrun(mode: str, tmp_path, processes: int = 2) -> None:
+def torchrun(mode: str, tmp_path, processes: int = 2, script: str = "tests/distributed_worker.py") -> None:
     torchrun_bin = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run(
@@ -19,7 +19,7 @@ def torchrun(mode: str, tmp_path, processes: int = 2) -> None:
             "--nproc_per_node",
             str(processes),
             "--standalone",  # a free port each time: back-to-back launches never collide
-            "tests/distributed_worker.py",
+            script,
             mode,
             str(tmp_path),
         ],

@@ -3,13 +3,12 @@ per-direction chains with re-encoded states, resume, evaluation and export."""
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from dual_fixtures import digits_tokenizer, tiny_dual_encoder
 from safetensors.torch import load_file
+from test_distributed import torchrun
 from transformers import AutoModel, AutoTokenizer
 
 from emc2_hf import (
@@ -24,7 +23,6 @@ from emc2_hf import (
 from emc2_hf.data.image_text import DIGIT_CLASS_NAMES, load_digits_captions
 from emc2_hf.tasks import MAX_LOGIT_SCALE
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRANSFORMS = ImageTextTransforms(image_size=16)
 
 
@@ -194,35 +192,13 @@ def test_bad_combinations_are_refused_with_the_fix(tmp_path, digits_pairs, token
         _trainer(tmp_path, digits_pairs[0], tokenizer, "emc2", emc2_chain_fraction=0.5)
 
 
-def _torchrun(mode: str, tmp_path, processes: int) -> None:
-    torchrun_bin = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run(
-        [
-            torchrun_bin,
-            "--nproc_per_node",
-            str(processes),
-            "--standalone",
-            "tests/dual_worker.py",
-            mode,
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["simclr", "sogclr", "dcl", "emc2", "emc2_in_batch"])
 def test_two_processes_fine_tune_exactly_like_one_with_the_global_batch(tmp_path, objective):
     """2 processes × 4 pairs == 1 process × 8 pairs: the same chains and weights equal to float rounding (batch-free
     towers: GroupNorm image tower, BERT without dropout; plain SGD). Float state (similarities, log u) to rounding."""
     for processes in (1, 2):
-        _torchrun(objective, tmp_path, processes)
+        torchrun(objective, tmp_path, processes, script="tests/dual_worker.py")
     single, double = (load_file(str(tmp_path / f"dual-{objective}-{size}.safetensors")) for size in (1, 2))
     for name in single:
         if not single[name].is_floating_point():

@@ -61,8 +61,45 @@ def _invalid(name: str, value: Any, valid: str) -> ValueError:
     return ValueError(f"SimCLRAugmentation: {name}={value!r} is invalid; it must be {valid}.")
 
 
+class NormalisedImagePipelines:
+    """What an image-transform dataclass shares: ``train_pipeline`` / ``eval_pipeline`` (cached properties the
+    subclass defines) applied to a decoded image, ending in a float tensor normalised by ``mean`` and ``std``; the
+    cached pipelines are rebuilt when a field changes and are not pickled (DataLoader workers rebuild them)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def train_transform(self, image: Any) -> torch.Tensor:
+        """A random training view of ``image`` (a PIL image, or anything :func:`decode_image` accepts).
+
+        Returns:
+            ``FloatTensor[3, image_size, image_size]``, normalised by ``mean`` and ``std``.
+        """
+        return self.train_pipeline(decode_image(image))
+
+    def eval_transform(self, image: Any) -> torch.Tensor:
+        """The deterministic view of ``image`` (resize, centre crop, normalise).
+
+        Returns:
+            ``FloatTensor[3, image_size, image_size]``.
+        """
+        return self.eval_pipeline(decode_image(image))
+
+    def _to_normalised_tensor(self) -> list[v2.Transform]:
+        return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in self.__dataclass_fields__:
+            for cached in _CACHED:
+                self.__dict__.pop(cached, None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: value for name, value in self.__dict__.items() if name not in _CACHED}
+
+
 @dataclass
-class SimCLRAugmentation:
+class SimCLRAugmentation(NormalisedImagePipelines):
     """Random resized crop → horizontal flip → colour jitter (p) → grayscale (p) → Gaussian blur (p) → normalise.
 
     The composed torchvision pipelines are built on first use and cached; assigning a field drops the cache, and
@@ -169,31 +206,3 @@ class SimCLRAugmentation:
         return v2.Compose(
             [v2.Resize(self.image_size, antialias=True), v2.CenterCrop(self.image_size), *self._to_normalised_tensor()]
         )
-
-    def train_transform(self, image: Any) -> torch.Tensor:
-        """A random view of ``image`` (a PIL image, or anything :func:`decode_image` accepts).
-
-        Returns:
-            ``FloatTensor[3, image_size, image_size]``, normalised by ``mean`` and ``std``.
-        """
-        return self.train_pipeline(decode_image(image))
-
-    def eval_transform(self, image: Any) -> torch.Tensor:
-        """Deterministic view: resize the shorter side to ``image_size``, centre crop, normalise.
-
-        Returns:
-            ``FloatTensor[3, image_size, image_size]``.
-        """
-        return self.eval_pipeline(decode_image(image))
-
-    def _to_normalised_tensor(self) -> list[v2.Transform]:
-        return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name in self.__dataclass_fields__:
-            for cached in _CACHED:
-                self.__dict__.pop(cached, None)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {name: value for name, value in self.__dict__.items() if name not in _CACHED}

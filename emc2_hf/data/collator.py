@@ -226,21 +226,31 @@ class ContrastiveCollator:
                 f"ContrastiveCollator: no column {self.image_column!r} in the dataset rows; the columns are "
                 f"{sorted(row)}. {suggestion}"
             )
-        if self.index_column not in row:
-            raise MissingColumnError(
-                f"ContrastiveCollator: no column {self.index_column!r} (each row's position in the training set) in "
-                f"the dataset rows; the columns are {sorted(row)}. The ContrastiveTrainer adds it automatically; "
-                f'elsewhere add it with dataset.map(lambda _, i: {{"{self.index_column}": i}}, with_indices=True).'
-            )
+        check_index_column(row, self.index_column, "ContrastiveCollator")
 
     def _check_unique(self, indices: list[int]) -> None:
-        repeated = sorted(index for index, count in Counter(indices).items() if count > 1)
-        if repeated:
-            raise ValueError(
-                f"ContrastiveCollator: dataset index(es) {repeated} appear more than once in one batch, so an image "
-                "would be its own negative. Sample batches without replacement, and make "
-                f"{self.index_column!r} unique per row (e.g. re-number it after concatenating datasets)."
-            )
+        check_unique_indices(indices, self.index_column, "ContrastiveCollator", "an image")
+
+
+def check_index_column(row: dict[str, Any], index_column: str, collator: str) -> None:
+    """Raise :class:`MissingColumnError` naming the fix when ``row`` lacks the dataset-index column."""
+    if index_column not in row:
+        raise MissingColumnError(
+            f"{collator}: no column {index_column!r} (each row's position in the training set) in "
+            f"the dataset rows; the columns are {sorted(row)}. The ContrastiveTrainer adds it automatically; "
+            f'elsewhere add it with dataset.map(lambda _, i: {{"{index_column}": i}}, with_indices=True).'
+        )
+
+
+def check_unique_indices(indices: list[int], index_column: str, collator: str, example: str) -> None:
+    """Refuse a batch in which a dataset index repeats (``example`` would be its own negative)."""
+    repeated = sorted(index for index, count in Counter(indices).items() if count > 1)
+    if repeated:
+        raise ValueError(
+            f"{collator}: dataset index(es) {repeated} appear more than once in one batch, so {example} "
+            "would be its own negative. Sample batches without replacement, and make "
+            f"{index_column!r} unique per row (e.g. re-number it after concatenating datasets)."
+        )
 
 
 def _looks_like_image(value: Any) -> bool:

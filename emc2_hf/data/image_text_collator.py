@@ -8,7 +8,6 @@ any image view or caption and the collator can deliver it again, re-created, in 
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
@@ -20,7 +19,8 @@ from torchvision.transforms import v2
 from ..objectives.problem import NO_STATE, states_to_encode
 from ..sampling.random import keyed_seed, keyed_transform
 from ..sampling.sample_state import ChainStateTable
-from .collator import MissingColumnError
+from .augmentations import NormalisedImagePipelines
+from .collator import MissingColumnError, check_index_column, check_unique_indices
 from .image_text import CAPTIONS_COLUMN, IMAGE_COLUMN, as_caption_list, caption_problem
 from .images import UndecodableImageError, decode_image
 
@@ -39,7 +39,6 @@ _INTERPOLATIONS = {
     "lanczos": v2.InterpolationMode.LANCZOS,
 }
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-_CACHED = ("train_pipeline", "eval_pipeline")
 _CAPTION_CHOICES = ("random", "first")
 _SOURCE = "the training set"
 
@@ -49,7 +48,7 @@ def _invalid(name: str, value: Any, valid: str) -> ValueError:
 
 
 @dataclass
-class ImageTextTransforms:
+class ImageTextTransforms(NormalisedImagePipelines):
     """CLIP-style image transforms: a mild random resized crop (± horizontal flip) for training, resize + centre crop
     for evaluation, both normalised. Pipelines are built on first use and cached; assigning a field drops the cache.
 
@@ -134,34 +133,6 @@ class ImageTextTransforms:
         self.validate()
         resize = v2.Resize(self.eval_resize or self.image_size, interpolation=_INTERPOLATIONS[self.interpolation])
         return v2.Compose([resize, v2.CenterCrop(self.image_size), *self._to_normalised_tensor()])
-
-    def train_transform(self, image: Any) -> torch.Tensor:
-        """A random training view of ``image`` (a PIL image or anything :func:`decode_image` accepts).
-
-        Returns:
-            ``FloatTensor[3, image_size, image_size]``, normalised by ``mean`` and ``std``.
-        """
-        return self.train_pipeline(decode_image(image))
-
-    def eval_transform(self, image: Any) -> torch.Tensor:
-        """Deterministic view: resize the shorter side to ``eval_resize`` (or ``image_size``), centre crop, normalise.
-
-        Returns:
-            ``FloatTensor[3, image_size, image_size]``.
-        """
-        return self.eval_pipeline(decode_image(image))
-
-    def _to_normalised_tensor(self) -> list[v2.Transform]:
-        return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name in self.__dataclass_fields__:
-            for cached in _CACHED:
-                self.__dict__.pop(cached, None)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {name: value for name, value in self.__dict__.items() if name not in _CACHED}
 
 
 def _side(size: Any) -> int | None:
@@ -483,21 +454,10 @@ class ImageTextCollator:
                     f"Pass {flag}='<one of them>', or load the data with emc2_hf.data.load_image_text_split, which "
                     "names them 'image' and 'captions'."
                 )
-        if self.index_column not in row:
-            raise MissingColumnError(
-                f"ImageTextCollator: no column {self.index_column!r} (each row's position in the training set) in "
-                f"the dataset rows; the columns are {sorted(row)}. The ContrastiveTrainer adds it automatically; "
-                f'elsewhere add it with dataset.map(lambda _, i: {{"{self.index_column}": i}}, with_indices=True).'
-            )
+        check_index_column(row, self.index_column, "ImageTextCollator")
 
     def _check_unique(self, indices: list[int]) -> None:
-        repeated = sorted(index for index, count in Counter(indices).items() if count > 1)
-        if repeated:
-            raise ValueError(
-                f"ImageTextCollator: dataset index(es) {repeated} appear more than once in one batch, so a pair would "
-                "be its own negative. Sample batches without replacement, and make "
-                f"{self.index_column!r} unique per row (e.g. re-number it after concatenating datasets)."
-            )
+        check_unique_indices(indices, self.index_column, "ImageTextCollator", "a pair")
 
 
 def _image_path(value: Any) -> str | None:
