@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 def machine() -> str:
@@ -58,3 +59,12 @@ def print_table(title: str, header: list[str], rows: list[list[object]], output:
     if output:
         with open(output, "a") as handle:
             handle.write(json.dumps({"title": title, "machine": machine(), "header": header, "rows": rows}) + "\n")
+
+
+def plain_info_nce(embeddings: torch.Tensor, beta: float) -> torch.Tensor:
+    z = F.normalize(embeddings.float(), dim=1)
+    logits = beta * z @ z.t()
+    n = logits.shape[0]
+    logits = logits.masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), float("-inf"))
+    targets = (torch.arange(n, device=z.device) + n // 2) % n
+    return F.cross_entropy(logits, targets)

@@ -80,7 +80,8 @@ def gradient_bias_rows(objectives: list[str], steps: int, num_images: int, beta:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=sorted(OBJECTIVES))
+    batch_only = [name for name, objective in OBJECTIVES.items() if not objective.reencodes_cache_negatives]
+    parser.add_argument("--objectives", nargs="+", default=batch_only, choices=batch_only)
     parser.add_argument("--steps", type=int, default=6000, help="batches for the weight comparison")
     parser.add_argument("--gradient_steps", type=int, default=6000, help="batches for the gradient comparison")
     parser.add_argument("--num_images", type=int, default=500, help="digits for the gradient comparison")

@@ -11,6 +11,11 @@ is not timed here); their row reports ``k`` and the metrics of the objective. Fo
 the sampler alone (``negative_weights``: picks, proposals, sweep, state update; median over the same steps). The chains
 are warmed up on a simulated dataset of ``--dataset_size`` images with fresh views every step first, so ``k`` and the
 fractions are the steady-state ones.
+
+The negative cache (``negative_cache``) does, as ``ContrastiveTrainer`` does: re-embed ``⌈ρ m⌉`` cache entries
+(eval mode, no gradient; ``m = --dataset_size``), draw one negative per anchor view by Gumbel-max over the cache, and
+encode the distinct draws with gradient in a second forward pass; the decoding of those images (in the training
+process) is not timed, like the collator's.
 """
 
 from __future__ import annotations
@@ -25,16 +30,7 @@ from emc2_hf import ContrastiveEncoder, ContrastiveEncoderConfig
 from emc2_hf.objectives import OBJECTIVES, build_objective, parse_objective_spec, states_to_encode, two_view_problem
 from emc2_hf.sampling import chain_selection, keyed_generator
 
-from common import median_seconds, print_table
-
-
-def plain_info_nce(embeddings: torch.Tensor, beta: float) -> torch.Tensor:
-    z = F.normalize(embeddings.float(), dim=1)
-    logits = beta * z @ z.t()
-    n = logits.shape[0]
-    logits = logits.masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), float("-inf"))
-    targets = (torch.arange(n, device=z.device) + n // 2) % n
-    return F.cross_entropy(logits, targets)
+from common import median_seconds, plain_info_nce, print_table
 
 
 class SimulatedBatches:
@@ -107,9 +103,22 @@ def main() -> None:
         batches = SimulatedBatches(args.dataset_size, batch_size, device)
         state = {"step": 0}
 
+        for objective in objectives.values():
+            if objective.reencodes_cache_negatives:
+                objective.write_cache(torch.arange(args.dataset_size), torch.randn(args.dataset_size, 128))
+        refresh_pixels = torch.randn(
+            max([o.refresh_count for o in objectives.values() if o.reencodes_cache_negatives], default=0),
+            3,
+            args.image_size,
+            args.image_size,
+            device=device,
+        )
+
         # Warm the per-sample state up on random embeddings: ~3 epochs of the simulated dataset.
         for step in range(3 * args.dataset_size // batch_size):
             for objective in objectives.values():
+                if objective.reencodes_cache_negatives:
+                    continue
                 batch = batches.next()
                 arguments = {"view_keys": batch["view_keys"], "view_slots": batch["slots"]}
                 if objective.reencodes_chain_states:
@@ -132,9 +141,29 @@ def main() -> None:
                 arguments.update(state_arguments(objective, batch))
                 inputs = torch.cat([pixels, state_pixels[: arguments["state_keys"].numel()]])
             optimizer.zero_grad(set_to_none=True)
+            if objective.reencodes_cache_negatives:
+                refresh = objective.refresh_keys(state["step"])
+                model.eval()
+                with torch.no_grad():
+                    objective.write_cache(refresh, model(pixel_values=refresh_pixels[: refresh.numel()]).embeddings)
+                model.train()
             embeddings = model(pixel_values=inputs).embeddings
             if objective.reencodes_chain_states:
                 arguments["state_embeddings"] = embeddings[2 * batch_size :]
+            if objective.reencodes_cache_negatives:
+                anchors = F.normalize(embeddings.detach().float(), dim=1)
+                samples = objective.sample_negatives(anchors, batch["indices"].repeat(2), step=state["step"])
+                distinct = torch.unique(samples)
+                negatives = model(pixel_values=state_pixels[: distinct.numel()]).embeddings
+                objective.write_cache(distinct, negatives.detach())
+                arguments.update(
+                    state_embeddings=negatives,
+                    state_keys=distinct,
+                    state_views=torch.full_like(distinct, -1),
+                    start_keys=samples[:, 0],
+                    start_views=torch.full_like(samples[:, 0], -1),
+                )
+                inputs = torch.cat([inputs, state_pixels[: distinct.numel()], refresh_pixels[: refresh.numel()]])
             output = objective(embeddings[: 2 * batch_size], batch["indices"], step=state["step"], **arguments)
             output.loss.backward()
             optimizer.step()
@@ -186,6 +215,10 @@ def main() -> None:
         base = timings["InfoNCE (plain)"]
         for name, seconds in timings.items():
             notes = []
+            objective = objectives.get(name)
+            if objective is not None and objective.reencodes_cache_negatives:
+                refreshed = f"{objective.refresh_count} refreshed"
+                notes.append(f"{refreshed} (ρ = {objective.refresh_fraction:g}, m = {args.dataset_size}) of the k")
             if name in sampler:
                 notes.append(
                     f"sampler {1e3 * sampler[name]:.2f} ms = {100 * sampler[name] / seconds:.2f}% of the step"

@@ -59,7 +59,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--objectives",
         nargs="+",
-        default=[*OBJECTIVES, *EMC2_VARIANTS],
+        default=[
+            *(name for name, objective in OBJECTIVES.items() if not objective.reencodes_cache_negatives),
+            *EMC2_VARIANTS,
+        ],
         help="objectives to run: registry names, or variants 'name:option=value,...' "
         f"(e.g. emc2:weighting=samples); registry: {', '.join(OBJECTIVES)}",
     )
@@ -89,9 +92,14 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     for spec in arguments.objectives:
         try:
             name, options = parse_objective_spec(spec)
-            build_objective(name, arguments.num_images, arguments.inverse_temperature, **options)
+            objective = build_objective(name, arguments.num_images, arguments.inverse_temperature, **options)
         except (TypeError, ValueError) as error:
             parser.error(f"--objectives {spec}: {error}")
+        if objective.reencodes_cache_negatives:
+            parser.error(
+                f"--objectives {spec}: the negative cache draws unaugmented images and re-encodes them, which this "
+                "fixed-view experiment does not model yet; compare it with recipes/compare.py"
+            )
     return arguments
 
 

@@ -26,8 +26,13 @@ def objective_equivalence(output_dir: str) -> None:
         model = torch.nn.Linear(12, 6)
         reference_model = torch.nn.Linear(12, 6)
         reference_model.load_state_dict(model.state_dict())
-        objective = build_objective(name, 20, 5.0, seed=1)
-        reference_objective = build_objective(name, 20, 5.0, seed=1)
+        objective = build_objective(name, 20, 5.0, seed=1, embedding_dim=6)
+        reference_objective = build_objective(name, 20, 5.0, seed=1, embedding_dim=6)
+        if getattr(objective, "reencodes_cache_negatives", False):
+            # The negative cache's "unaugmented image" of example i is its first fixed view; both caches start equal.
+            with torch.no_grad():
+                objective.write_cache(torch.arange(20), model(data[:, 0]))
+                reference_objective.write_cache(torch.arange(20), reference_model(data[:, 0]))
         checks = []
         for step in range(4):
             generator = torch.Generator().manual_seed(step)
@@ -53,9 +58,26 @@ def objective_equivalence(output_dir: str) -> None:
                     }
                 return model(inputs), arguments
 
+            def cache_negatives(model, views, images, objective, share, step=step):
+                """The negative cache's state columns: its draws from the gathered anchors, each process encoding
+                its ``share`` of them (every distinct draw once), gathered with autograd."""
+                samples = objective.sample_negatives(
+                    torch.nn.functional.normalize(views.detach(), dim=-1), images.repeat(2), step=step
+                )
+                keys = share(torch.unique(samples))
+                return {
+                    "state_embeddings": gather_rows(model(data[keys, 0]), differentiable=True),
+                    "state_keys": gather_rows(keys),
+                    "state_views": torch.full((gather_rows(keys).numel(),), -1),
+                    "start_keys": samples[:, 0],
+                    "start_views": torch.full_like(samples[:, 0], -1),
+                }
+
             embeddings, arguments = encode(model, local, objective)
             views, gathered_indices = gather_views(embeddings[:8], local)
-            if arguments:
+            if getattr(objective, "reencodes_cache_negatives", False):
+                arguments = cache_negatives(model, views, gathered_indices, objective, lambda keys: keys[rank::size])
+            elif arguments:
                 arguments = {
                     "state_embeddings": gather_rows(embeddings[8:], differentiable=True),
                     "state_keys": gather_rows(arguments["state_keys"]),
@@ -71,7 +93,21 @@ def objective_equivalence(output_dir: str) -> None:
                 parameter.grad /= size
 
             reference_embeddings, reference_arguments = encode(reference_model, indices, reference_objective)
-            if reference_arguments:
+            if getattr(reference_objective, "reencodes_cache_negatives", False):
+                samples = reference_objective.sample_negatives(
+                    torch.nn.functional.normalize(reference_embeddings[: 2 * num_images].detach(), dim=-1),
+                    indices.repeat(2),
+                    step=step,
+                )
+                keys = torch.unique(samples)
+                reference_arguments = {
+                    "state_embeddings": reference_model(data[keys, 0]),
+                    "state_keys": keys,
+                    "state_views": torch.full_like(keys, -1),
+                    "start_keys": samples[:, 0],
+                    "start_views": torch.full_like(samples[:, 0], -1),
+                }
+            elif reference_arguments:
                 reference_arguments["state_embeddings"] = reference_embeddings[2 * num_images :]
             reference_loss = reference_objective(
                 reference_embeddings[: 2 * num_images], indices, step=step, **reference_arguments

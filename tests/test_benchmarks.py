@@ -22,6 +22,7 @@ SCRIPTS = {
         "40",
     ],
     "sweep_scaling.py": ["--batch_sizes", "4", "8", "--repetitions", "2", "--dataset_size", "100"],
+    "local_anchors.py": ["--num_processes", "1", "2", "--batch_sizes", "4", "--repetitions", "1", "--threads", "1"],
     "state_size.py": ["--dataset_sizes", "100", "1000", "--batch_size", "8", "--repetitions", "2"],
     "trainer_overhead.py": ["--steps", "2", "--warmup", "1", "--batch_size", "8", "--rounds", "1"],
     "augmentation_throughput.py": [

@@ -519,3 +519,15 @@ def test_an_image_error_on_one_line_survives_a_dataloader_worker():
     )
     text += '  File "x.py", line 1\nemc2_hf.data.images.UndecodableImageError: Could not decode the image in row 3'
     assert run_module._one_line(UndecodableImageError(text)) == "Could not decode the image in row 3"
+
+
+def test_too_few_probe_images_per_class_for_the_few_shot_probes_is_one_line_before_training(
+    tmp_path, capsys, no_expensive_work
+):
+    """50 probe images over 10 digits leave some class with fewer than 5: this used to end in a stack trace from the
+    untrained probes."""
+    argv = [*TINY, "--max_probe_train_samples", "30", "--shots_per_class", "5", "--output_dir", str(tmp_path)]
+    status, stderr = fails(argv, capsys)
+    assert status == 2
+    line = one_line(stderr)
+    assert "fewer than shots_per_class=5" in line and "--max_probe_train_samples" in line

@@ -343,14 +343,25 @@ def test_knn_monitor_needs_labelled_data(tmp_path, digits):
 
 
 @pytest.mark.parametrize(
-    ("name", "distributed_type", "num_processes"), [("single_gpu", "NO", 1), ("multi_gpu", "MULTI_GPU", 8)]
+    ("name", "distributed_type", "num_processes", "precision"),
+    [
+        ("single_gpu", "NO", 1, "bf16"),
+        ("multi_gpu", "MULTI_GPU", 8, "bf16"),
+        ("multi_node", "MULTI_GPU", 16, "bf16"),
+        ("cpu_2_processes", "MULTI_GPU", 2, "no"),
+    ],
 )
-def test_the_accelerate_configs_load_with_accelerate(name, distributed_type, num_processes):
+def test_the_accelerate_configs_load_with_accelerate(name, distributed_type, num_processes, precision):
     from accelerate.commands.config.config_args import load_config_from_file
 
     config = load_config_from_file(str(ROOT / "recipes" / "accelerate" / f"{name}.yaml"))
     assert str(config.distributed_type).endswith(distributed_type) and config.num_processes == num_processes
-    assert str(config.mixed_precision).endswith("bf16") and not config.use_cpu
+    assert str(config.mixed_precision).endswith(precision) and not config.use_cpu
+
+
+def test_every_shipped_accelerate_config_is_tested():
+    shipped = {path.stem for path in (ROOT / "recipes" / "accelerate").glob("*.yaml")}
+    assert shipped == {"single_gpu", "multi_gpu", "multi_node", "cpu_2_processes"}
 
 
 def test_backbone_kwargs_are_json_and_reach_the_encoder(tmp_path):
@@ -365,3 +376,25 @@ def test_backbone_kwargs_are_json_and_reach_the_encoder(tmp_path):
         ["--backbone_kwargs", '{"norm_layer": "groupnorm1"}', "--projection_batch_norm", "false"]
     )
     assert model_args.backbone_kwargs == {"norm_layer": "groupnorm1"} and model_args.projection_batch_norm is False
+
+
+def test_a_presets_options_of_other_objectives_are_left_out_but_the_command_lines_stay_errors():
+    """``stl10.py --config stl10_b32 --objective simclr`` (the README's baseline of the row) runs: the preset's EMC²
+    burn-in does not apply to SimCLR and is left out; the same flag typed on the command line is still refused."""
+    from emc2_hf.pretraining import parse_recipe_arguments
+    from emc2_hf.pretraining.checks import RecipeArgumentError, check_objective_settings
+
+    presets = os.path.join(ROOT, "recipes", "presets")
+    _, _, emc2 = parse_recipe_arguments(["--config", "stl10_b32", "--output_dir", "x"], presets_dir=presets)
+    assert emc2.objective == "emc2" and emc2.burn_in == 31
+    _, _, simclr = parse_recipe_arguments(
+        ["--config", "stl10_b32", "--objective", "simclr", "--output_dir", "x"], presets_dir=presets
+    )
+    assert simclr.burn_in is None
+    check_objective_settings(simclr)  # no error
+    _, _, typed = parse_recipe_arguments(
+        ["--config", "stl10_b32", "--objective", "simclr", "--burn_in", "31", "--output_dir", "x"],
+        presets_dir=presets,
+    )
+    with pytest.raises(RecipeArgumentError, match="--burn_in applies to the objective"):
+        check_objective_settings(typed)

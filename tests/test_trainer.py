@@ -54,7 +54,7 @@ class RecordLogs(TrainerCallback):
         self.logs.append(dict(logs or {}))
 
 
-@pytest.mark.parametrize("objective", ["emc2", "emc2_in_batch", "sogclr", "simclr", "dcl"])
+@pytest.mark.parametrize("objective", ["emc2", "emc2_in_batch", "sogclr", "simclr", "dcl", "negative_cache"])
 def test_each_objective_trains_and_logs(tmp_path, digits, objective):
     records = RecordLogs()
     train = digits["train"].select(range(48))
@@ -79,6 +79,9 @@ def test_each_objective_trains_and_logs(tmp_path, digits, objective):
         assert visited.sum().item() == 4 * 8 * 2  # 4 steps × 8 distinct images × 2 views (48 rows, no epoch wrap)
     if objective == "sogclr":
         assert trainer.objective.moving_average.initialised.sum().item() == 32
+    if objective == "negative_cache":
+        assert bool(trainer.objective.cache.filled.all())  # filled at train begin
+        assert all(log["cache_filled_fraction"] == 1.0 for log in loss_logs)
 
 
 def test_checkpoint_resumes_the_per_sample_state_exactly(tmp_path, digits):
@@ -282,14 +285,25 @@ def test_plain_torch_datasets_get_indices(tmp_path, digits):
     assert isinstance(datasets.Dataset, type)
 
 
-def test_an_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, digits):
+@pytest.mark.parametrize(
+    "configuration",
+    [
+        {},
+        {"objective": "negative_cache", "cache_refresh_fraction": 0.1},
+        {"objective": "simclr", "batch_selection": "spectral_clustering"},
+        {"objective": "emc2", "batch_selection": "ordered_sgd", "osgd_candidates": 3},
+    ],
+    ids=["emc2", "negative_cache", "spectral_clustering", "ordered_sgd"],
+)
+def test_an_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, digits, configuration):
     # Views are keyed by (seed, epoch, index, view) and the sampler's numbers by (seed, step): resuming from step 3
-    # (mid-epoch 0, then across an epoch boundary) reproduces weights and chains bit for bit.
+    # (mid-epoch 0, then across an epoch boundary) reproduces weights and per-sample state (chains, the negative
+    # cache and its refresh position) bit for bit; a batch selection's epoch batches come from the checkpoint.
     train = digits["train"].select(range(40))  # 5 steps per epoch at b = 8
 
     def run(output_dir, resume=None, save_steps=None):
         torch.manual_seed(0)
-        overrides = {"max_steps": 7, "learning_rate": 1e-2}
+        overrides = {"max_steps": 7, "learning_rate": 1e-2, **configuration}
         if save_steps:
             overrides.update(save_strategy="steps", save_steps=save_steps)
         trainer = ContrastiveTrainer(
@@ -309,6 +323,8 @@ def test_an_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, d
         assert torch.equal(a, b), name
     for name, value in uninterrupted.objective.state_dict().items():
         assert torch.equal(value, resumed.objective.state_dict()[name]), name
+    if "batch_selection" in configuration:  # the card says how the batches were chosen
+        assert configuration["batch_selection"] in resumed.model_card()
 
 
 def test_global_loss_steps_logs_the_exact_loss_with_fixed_augmentations(tmp_path, digits):
@@ -348,3 +364,32 @@ def test_global_loss_steps_logs_the_exact_loss_with_fixed_augmentations(tmp_path
             train_dataset=train,
             data_collator=collator(),
         )
+
+
+def test_chain_starts_do_not_depend_on_prefetching_when_a_batch_selection_repeats_examples(tmp_path, digits):
+    # Ordered SGD can put an example in consecutive batches; the collator of a prefetched batch then read chain
+    # starts the previous step has since moved. The trainer replaces them by the chains' current starts, so 0 and 2
+    # DataLoader workers (prefetching 1 and 4 batches ahead) train the same weights and chains.
+    train = digits["train"].select(range(24))  # 3 steps per epoch at b = 8: candidates overlap often
+
+    def run(output_dir, workers):
+        trainer = ContrastiveTrainer(
+            model=tiny_encoder(),
+            args=arguments(
+                output_dir,
+                max_steps=6,
+                learning_rate=1e-2,
+                batch_selection="ordered_sgd",
+                osgd_candidates=3,
+                dataloader_num_workers=workers,
+            ),
+            train_dataset=train,
+            data_collator=collator(),
+        )
+        trainer.train()
+        return trainer
+
+    serial, prefetched = run(tmp_path / "a", 0), run(tmp_path / "b", 2)
+    for (name, a), b in zip(serial.model.state_dict().items(), prefetched.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(serial.objective.chains.state_index, prefetched.objective.chains.state_index)

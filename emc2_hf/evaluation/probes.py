@@ -281,6 +281,19 @@ class ProbeEvaluator:
                         f"{error} (set image_column / label_column, recipes: --image_column / --label_column)"
                     ) from None
 
+    def check_few_shot(self) -> None:
+        """Raise a ``ValueError`` naming the class when a class of ``train_dataset`` has fewer than
+        ``shots_per_class`` examples (the few-shot probes would fail after the features are extracted)."""
+        labels, counts = np.unique(_labels(self.train_dataset, self.label_column), return_counts=True)
+        short = [(label, count) for label, count in zip(labels.tolist(), counts.tolist(), strict=True)]
+        short = [(label, count) for label, count in short if count < self.shots_per_class]
+        if short:
+            label, count = short[0]
+            raise ValueError(
+                f"{self.train_name}: class {label} has {count} labelled example(s), fewer than shots_per_class="
+                f"{self.shots_per_class} ({len(short)} class(es) short)"
+            )
+
     def __call__(self, model: torch.nn.Module, device: torch.device | str | None = None) -> dict[str, float]:
         """``{"linear_probe_accuracy", "knn_accuracy", "fewshot_linear_probe_accuracy", "fewshot_knn_accuracy"}``."""
         train_features, test_features = self._features(model, device)

@@ -8,6 +8,7 @@ from typing import Any
 from .dcl import DecoupledInfoNCEObjective
 from .emc2 import EMC2InBatchObjective, EMC2Objective, visit_frequency_weights
 from .global_loss import global_contrastive_loss
+from .negative_cache import EmbeddingCache, NegativeCacheObjective
 from .problem import (
     NO_STATE,
     ContrastiveProblem,
@@ -30,17 +31,40 @@ OBJECTIVES: dict[str, type[ContrastiveObjective]] = {
         SogCLRObjective,
         SimCLRObjective,
         DecoupledInfoNCEObjective,
+        NegativeCacheObjective,
     )
 }
-"""Every objective by its ``--objective`` name."""
+"""The registry: every objective by its ``--objective`` name.
 
-_OPTION_FLAGS = {
-    "num_proposals": "--num_proposals",
-    "burn_in": "--burn_in",
-    "gamma": "--sogclr_gamma",
-    "weighting": "--emc2_weighting",
-    "chain_fraction": "--emc2_chain_fraction",
-}
+Adding an objective is one module and one entry here. The class carries everything else: ``name``, ``title`` (the
+model card's), ``citation``, ``card_settings()`` (the card's numbers), and ``training_arguments``, which maps each
+of its constructor options to the :class:`~emc2_hf.ContrastiveTrainingArguments` field (``--flag``) that sets it.
+The trainer, the recipes and the model card read these; none of them tests an objective's name."""
+
+CONTEXT_OPTIONS = ("num_slots", "embedding_dim")
+"""Options the trainer always offers (state slots per example, the embedding width); an objective takes those its
+constructor accepts and ignores the rest."""
+
+
+def option_flags() -> dict[str, str]:
+    """``{constructor option: "--training_argument"}`` over the registry (e.g. ``"gamma": "--sogclr_gamma"``)."""
+    flags: dict[str, str] = {}
+    for objective_class in OBJECTIVES.values():
+        for option, field_name in objective_class.training_arguments.items():
+            flags.setdefault(option, f"--{field_name}")
+    return flags
+
+
+def objective_options(training_args: Any) -> dict[str, Any]:
+    """Every registered objective option read from ``training_args`` (``None`` where unset), for
+    :func:`build_objective`, which refuses one set for an objective that does not take it."""
+    options: dict[str, Any] = {}
+    for objective_class in OBJECTIVES.values():
+        for option, field_name in objective_class.training_arguments.items():
+            value = getattr(training_args, field_name, None)
+            if options.get(option) is None:
+                options[option] = value
+    return options
 
 
 def build_objective(
@@ -48,20 +72,21 @@ def build_objective(
 ) -> ContrastiveObjective:
     """Construct the objective called ``name`` (a key of :data:`OBJECTIVES`) for a training set of ``num_samples``.
 
-    ``options`` are the objective's own hyper-parameters (``num_proposals``, ``burn_in``, ``num_slots`` for EMC²;
-    ``gamma`` for SogCLR); ``None`` means the objective's default. Setting one the objective does not take is an
-    error naming the objectives that do.
+    ``options`` are the objective's own hyper-parameters (e.g. ``num_proposals``, ``burn_in`` for EMC²; ``gamma``
+    for SogCLR; see each class's ``training_arguments``); ``None`` means the objective's default. Setting one the
+    objective does not take is an error naming the objectives that do. :data:`CONTEXT_OPTIONS` are passed only to
+    objectives that take them.
     """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
     objective_class = OBJECTIVES[name]
     accepted = set(inspect.signature(objective_class.__init__).parameters)
     given = {key: value for key, value in options.items() if value is not None}
+    flags = option_flags()
     for key in given:
-        if key not in accepted and key != "num_slots":
+        if key not in accepted and key not in CONTEXT_OPTIONS:
             takers = sorted(n for n, c in OBJECTIVES.items() if key in inspect.signature(c.__init__).parameters)
-            flag = _OPTION_FLAGS.get(key, key)
-            raise ValueError(f"{flag} applies to the objective(s) {takers}, not {name!r}")
+            raise ValueError(f"{flags.get(key, key)} applies to the objective(s) {takers}, not {name!r}")
     kwargs = {key: value for key, value in given.items() if key in accepted}
     if "num_samples" in accepted:
         kwargs["num_samples"] = num_samples
@@ -103,13 +128,17 @@ __all__ = [
     "DecoupledInfoNCEObjective",
     "EMC2InBatchObjective",
     "EMC2Objective",
+    "EmbeddingCache",
     "ImageTextProblems",
+    "NegativeCacheObjective",
     "ObjectiveOutput",
     "SimCLRObjective",
     "SogCLRObjective",
     "SymmetricObjective",
     "build_image_text_objective",
     "build_objective",
+    "objective_options",
+    "option_flags",
     "cross_modal_problem",
     "global_contrastive_loss",
     "image_text_problems",

@@ -193,6 +193,12 @@ class EMC2Objective(ContrastiveObjective):
     name = "emc2"
     title = "EMC²"
     citation = CITATION
+    training_arguments = {
+        "num_proposals": "num_proposals",
+        "burn_in": "burn_in",
+        "weighting": "emc2_weighting",
+        "chain_fraction": "emc2_chain_fraction",
+    }
     reencodes_chain_states = True
 
     def __init__(

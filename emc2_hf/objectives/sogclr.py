@@ -58,6 +58,7 @@ class SogCLRObjective(ContrastiveObjective):
 
     name = "sogclr"
     title = "SogCLR"
+    training_arguments = {"gamma": "sogclr_gamma"}
     citation = (
         "@inproceedings{yuan2022sogclr,\n  title={Provable Stochastic Optimization for Global Contrastive Learning: "
         "Small Batch Does Not Harm Performance},\n  author={Yuan, Zhuoning and Wu, Yuexin and Qiu, Zi-Hao and Du, "
@@ -84,17 +85,16 @@ class SogCLRObjective(ContrastiveObjective):
         log_num_negatives = math.log(int(num_negatives[0]))
         log_batch_mean = torch.logsumexp(negative_log_scores, dim=1) - log_num_negatives  # [A]
 
-        previous = state.log_u[problem.anchor_keys]
+        previous, seen = state.read(problem.anchor_keys)
         if self.gamma < 1.0:
             blended = torch.logaddexp(previous + math.log1p(-self.gamma), log_batch_mean + math.log(self.gamma))
         else:
             blended = log_batch_mean
-        log_u = torch.where(state.initialised[problem.anchor_keys], blended, log_batch_mean)  # [A]
+        log_u = torch.where(seen, blended, log_batch_mean)  # [A]
 
         weights = (negative_log_scores - log_u[:, None] - log_num_negatives).exp()
         keys, mean_log_u = _log_mean_exp_by_key(log_u, problem.anchor_keys)
-        state.log_u[keys] = mean_log_u
-        state.initialised[keys] = True
+        state.write(keys, mean_log_u)
         return _pad_columns(weights, problem), {"negative_weight_sum": weights.sum(dim=1).mean()}
 
     def get_config_dict(self) -> dict[str, float | int | str]:

@@ -93,7 +93,11 @@ class ContrastiveObjective(nn.Module):
     title: ClassVar[str] = "contrastive objective"
     """How the model card names the objective."""
     citation: ClassVar[str] = ""
+    training_arguments: ClassVar[dict[str, str]] = {}
+    """Each constructor option's :class:`~emc2_hf.ContrastiveTrainingArguments` field (its recipe flag ``--field``)."""
     reencodes_chain_states: ClassVar[bool] = False
+    reencodes_cache_negatives: ClassVar[bool] = False
+    """Whether the caller must draw negatives from the objective's cache and encode them (the negative cache)."""
     """Whether the caller must encode the chain states the batch does not contain (EMC²)."""
     stream: str | None = None
     """An extra key of the random numbers (e.g. the direction of an image–text objective), so two instances with

@@ -66,6 +66,10 @@ class SymmetricObjective(nn.Module):
         return self.image_to_text.reencodes_chain_states
 
     @property
+    def reencodes_cache_negatives(self) -> bool:
+        return self.image_to_text.reencodes_cache_negatives
+
+    @property
     def inverse_temperature(self) -> float:
         return self.image_to_text.inverse_temperature
 

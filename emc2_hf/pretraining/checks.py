@@ -140,7 +140,7 @@ def check_objective_settings(training_args: ContrastiveTrainingArguments) -> Non
     Catches e.g. ``--burn_in 100`` with the default ``R = 2b − 2`` proposals. An objective registry whose
     ``build_objective`` takes other arguments is left to the trainer's construction (checked in the recipe too).
     """
-    from ..objectives import build_objective
+    from ..objectives import build_objective, objective_options
 
     try:
         objective = build_objective(
@@ -148,11 +148,7 @@ def check_objective_settings(training_args: ContrastiveTrainingArguments) -> Non
             num_samples=2,
             inverse_temperature=training_args.inverse_temperature,
             seed=training_args.seed,
-            num_proposals=training_args.num_proposals,
-            burn_in=training_args.burn_in,
-            gamma=training_args.sogclr_gamma,
-            weighting=training_args.emc2_weighting,
-            chain_fraction=training_args.emc2_chain_fraction,
+            **objective_options(training_args),
         )
     except TypeError:
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -87,9 +88,10 @@ def has_accelerator() -> bool:
 def launch_defaults() -> dict[str, Any]:
     """Training defaults that depend on how the recipe was launched and on what hardware.
 
-    * no accelerator: ``dataloader_pin_memory=False`` (pinning needs one; torch warns on every CPU run otherwise);
-    * several processes and no accelerator: ``use_cpu=True``, which makes the Trainer run distributed data
-      parallel over gloo — without it every process would train its own copy on all the data;
+    * no accelerator: ``dataloader_pin_memory=False`` (pinning needs one; torch warns on every CPU run otherwise)
+      and ``use_cpu=True`` — under several processes it makes the Trainer run distributed data parallel over gloo
+      (without it every process would train its own copy on all the data), and it lets ``--bf16 true`` autocast on
+      CPU (the Trainer refuses bf16 without an accelerator otherwise);
     * several processes: ``ddp_find_unused_parameters=False`` (the encoder uses every parameter; DDP warns
       otherwise).
     """
@@ -97,8 +99,7 @@ def launch_defaults() -> dict[str, Any]:
     several = world_size_from_environment() > 1
     if not has_accelerator():
         defaults["dataloader_pin_memory"] = False
-        if several:
-            defaults["use_cpu"] = True
+        defaults["use_cpu"] = True
     if several:
         defaults["ddp_find_unused_parameters"] = False
     return defaults
@@ -240,4 +241,29 @@ def parse_recipe_arguments(
         values.update(load_config(resolve_config_path(config, presets_dir)))
     parser = build_recipe_parser(values, presets_dir, prog=prog, description=description)
     data_args, model_args, training_args, *_ = parser.parse_args_into_dataclasses(args=argv)
+    if config is not None:
+        _drop_other_objectives_options(training_args, values, argv)
     return data_args, model_args, training_args
+
+
+def _drop_other_objectives_options(training_args: Any, values: dict[str, Any], argv: list[str]) -> None:
+    """A preset's options of other objectives (``stl10_b32``'s EMC² ``burn_in`` under ``--objective simclr``) are
+    left out, so that a preset serves every objective; the same option given on the command line stays an error."""
+    from ..objectives import OBJECTIVES
+
+    taken = set(OBJECTIVES[training_args.objective].training_arguments.values())
+    given = {token.split("=")[0].lstrip("-").replace("-", "_") for token in argv if token.startswith("--")}
+    dropped = []
+    for objective_class in OBJECTIVES.values():
+        for field_name in objective_class.training_arguments.values():
+            if field_name in taken or field_name in given or values.get(field_name) is None:
+                continue
+            if getattr(training_args, field_name, None) is not None:
+                setattr(training_args, field_name, None)
+                dropped.append(field_name)
+    if dropped and is_main_process_from_environment():
+        logging.getLogger("emc2_hf.pretraining").info(
+            "--config: %s left out (they apply to other objectives than %s)",
+            ", ".join(f"--{name}" for name in sorted(set(dropped))),
+            training_args.objective,
+        )

@@ -1,4 +1,5 @@
-"""PNG figures a person looks at after a run: training curves of one run, and a comparison of several.
+"""PNG figures a person looks at after a run: training curves of one run, and comparisons of several (bars of the
+probes; mean curves with ±1 std bands).
 
 Both use matplotlib's non-interactive Agg backend (no display needed) and write their numbers as JSON beside the PNG.
 """
@@ -9,11 +10,17 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 CURVES_NAME = "training_curves"
 LOSS = "loss"
 KNN_MONITOR = "knn_monitor_accuracy"
+# Logged with the monitor's accuracy (the x of a curve against images seen / training time), not curves of their own.
+KNN_MONITOR_AXES = ("knn_monitor_train_seconds", "knn_monitor_samples")
+PROBE_PREFIXES = ("eval_", "untrained_")
 # Logged every step but not a curve a person reads here (the schedule is set by the flags).
 _NOT_PLOTTED = {"learning_rate", "grad_norm", "epoch", "step", "total_flos"}
 
@@ -22,8 +29,10 @@ def training_curves(log_history: Sequence[dict[str, Any]]) -> dict[str, dict[str
     """``{metric: {"step": [...], "value": [...]}}`` of the per-step training logs (``trainer.state.log_history``).
 
     Kept: ``loss``, every other number logged with it (the objective's metrics, e.g. EMC²'s ``acceptance_rate`` and
-    ``*_fraction``s) and ``knn_monitor_accuracy``; left out: the learning rate, gradient norm, epoch, the
-    probes (``eval_*``, ``untrained_*``) and the end-of-training summary (``train_*``).
+    ``*_fraction``s), ``knn_monitor_accuracy`` and its ``knn_monitor_train_seconds`` / ``knn_monitor_samples``
+    (:data:`KNN_MONITOR_AXES`, not plotted by :func:`plot_training_curves`); left out: the learning rate, gradient
+    norm, epoch, the probes (``eval_*``, ``untrained_*``: :func:`probe_curves`) and the end-of-training summary
+    (``train_*``).
     """
     curves: dict[str, dict[str, list[float]]] = {}
     for entry in log_history:
@@ -32,6 +41,26 @@ def training_curves(log_history: Sequence[dict[str, Any]]) -> dict[str, dict[str
             continue
         for name, value in entry.items():
             if name in _NOT_PLOTTED or name.startswith(("eval_", "untrained_", "train_")):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                continue
+            curve = curves.setdefault(name, {"step": [], "value": []})
+            curve["step"].append(int(step))
+            curve["value"].append(float(value))
+    return curves
+
+
+def probe_curves(log_history: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """``{metric: {"step": [...], "value": [...]}}`` of the probe evaluations in ``log_history``: the untrained
+    encoder's (``untrained_*_accuracy``, at the step it was measured, normally 0) and every evaluation during and at
+    the end of training (``eval_*_accuracy``, e.g. every ``eval_steps`` with ``eval_strategy="steps"``)."""
+    curves: dict[str, dict[str, list[float]]] = {}
+    for entry in log_history:
+        step = entry.get("step")
+        if step is None:
+            continue
+        for name, value in entry.items():
+            if not (name.startswith(PROBE_PREFIXES) and name.endswith("_accuracy")):
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 continue
@@ -56,6 +85,9 @@ def plot_training_curves(
     """Write ``output_dir/training_curves.png`` and ``training_curves.json``; returns their paths (None if nothing
     was logged).
 
+    The JSON holds :func:`training_curves` and, besides, the probe evaluations (:func:`probe_curves`), so that the
+    whole history a comparison reads survives runs without checkpoints (``--save_strategy no``).
+
     Panels, one per group: the loss (the batch's NT-Xent, comparable across objectives); the objective's metrics, all
     fractions in [0, 1] (acceptance rate, outside-batch / re-encoded fractions, ...); the 1-NN monitor accuracy.
     """
@@ -65,9 +97,9 @@ def plot_training_curves(
     os.makedirs(output_dir, exist_ok=True)
     json_path = os.path.join(output_dir, f"{CURVES_NAME}.json")
     with open(json_path, "w") as handle:
-        json.dump(curves, handle, indent=1)
+        json.dump({**curves, **probe_curves(log_history)}, handle, indent=1)
 
-    objective_metrics = sorted(name for name in curves if name not in (LOSS, KNN_MONITOR))
+    objective_metrics = sorted(name for name in curves if name not in (LOSS, KNN_MONITOR, *KNN_MONITOR_AXES))
     panels = [
         (title_, names)
         for title_, names in (
@@ -116,8 +148,6 @@ def plot_comparison(
         path: the PNG to write.
         title: the figure's title.
     """
-    import numpy as np
-
     plt = _pyplot()
     positions = np.arange(len(labels))
     width = 0.8 / max(len(means), 1)
@@ -133,6 +163,87 @@ def plot_comparison(
     axis.legend(fontsize=8, loc="lower right")
     if title:
         axis.set_title(title, fontsize=10)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+@dataclass(frozen=True)
+class MeanCurve:
+    """One line of :func:`plot_mean_curves`: the mean over seeds at each ``x``, drawn with a ±1 std band.
+
+    Attributes:
+        label: the configuration, in the legend; lines with the same label share a colour in every panel.
+        x: the positions (images seen, seconds, ...), increasing.
+        mean: the mean at each ``x``.
+        std: the standard deviation at each ``x`` (0 where there is one seed: no band).
+        style: what the line shows when a panel holds several kinds (e.g. ``"LP"``, ``"5-shot LP"``): one line
+            style per kind, named in a second legend; ``""`` for a solid line and no second legend.
+    """
+
+    label: str
+    x: Sequence[float]
+    mean: Sequence[float]
+    std: Sequence[float]
+    style: str = ""
+
+
+_LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def plot_mean_curves(
+    panels: Sequence[tuple[str, Sequence[MeanCurve]]],
+    path: str,
+    xlabel: str,
+    ylabel: str = "accuracy",
+    title: str | None = None,
+) -> str:
+    """Side-by-side panels of mean curves with shaded ±1 std bands; returns ``path`` (a PNG).
+
+    Args:
+        panels: ``(panel title, its curves)`` per panel, left to right; panels without curves are left out.
+        path: the PNG to write.
+        xlabel: the x axis's name (shared by the panels).
+        ylabel: the y axis's name.
+        title: the figure's title.
+    """
+    panels = [(name, curves) for name, curves in panels if curves]
+    if not panels:
+        raise ValueError("plot_mean_curves needs at least one curve")
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    labels = list(dict.fromkeys(curve.label for _, curves in panels for curve in curves))
+    palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    colours = {label: palette(k % palette.N) for k, label in enumerate(labels)}
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.3), squeeze=False)
+    for position, (axis, (panel_title, curves)) in enumerate(zip(axes[0], panels, strict=True)):
+        styles = list(dict.fromkeys(curve.style for curve in curves if curve.style))
+        for curve in curves:
+            x, mean, std = (np.asarray(values, dtype=float) for values in (curve.x, curve.mean, curve.std))
+            colour = colours[curve.label]
+            linestyle = _LINE_STYLES[styles.index(curve.style) % len(_LINE_STYLES)] if curve.style else "-"
+            marker = "o" if len(x) <= 30 else None
+            axis.plot(x, mean, color=colour, linestyle=linestyle, marker=marker, markersize=3, linewidth=1.5)
+            if np.any(std > 0):
+                axis.fill_between(x, mean - std, mean + std, color=colour, alpha=0.18, linewidth=0)
+        axis.set_title(panel_title, fontsize=10)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+        shown = [label for label in labels if any(curve.label == label for curve in curves)]
+        if position == 0 or shown != labels:
+            handles = [Line2D([], [], color=colours[label], linewidth=2) for label in shown]
+            legend = axis.legend(handles, shown, fontsize=8, loc="lower right", title_fontsize=8)
+            if styles:
+                axis.add_artist(legend)
+        if styles:
+            handles = [Line2D([], [], color="black", linestyle=_LINE_STYLES[k % 4]) for k in range(len(styles))]
+            axis.legend(handles, styles, fontsize=8, loc="upper left")
+    if title:
+        figure.suptitle(title, fontsize=11)
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, dpi=110)

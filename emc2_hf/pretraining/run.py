@@ -309,6 +309,12 @@ def run_pretraining(
         )
 
     probe_evaluator = evaluator(probe_train, evaluation)
+    try:
+        probe_evaluator.check_few_shot()
+    except ValueError as error:
+        raise RecipeArgumentError(
+            f"{error}: lower --shots_per_class, or raise --max_probe_train_samples (or drop it)"
+        ) from None
     monitor_evaluator = None
     if training_args.knn_monitor_steps is not None:
         limit = data_args.knn_monitor_max_samples

@@ -15,6 +15,7 @@ from .sample_state import (
     ChainStateTable,
     MarkovChainState,
     MovingAverageState,
+    PerSampleState,
     load_per_sample_state,
     save_per_sample_state,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "ChainStateTable",
     "MarkovChainState",
     "MovingAverageState",
+    "PerSampleState",
     "SweepResult",
     "chain_selection",
     "keyed_generator",

@@ -1,5 +1,9 @@
 """Per-sample state kept across steps, one entry per training example (O(m) memory), and its checkpointing.
 
+* :class:`PerSampleState`: the read/write interface every per-sample state offers — ``read(keys, ...)`` the rows of
+  some examples, ``write(keys, ..., values)`` them back, ``num_samples`` (``m``) and ``bytes_per_example`` (the
+  bytes of one row of every ``[m, ...]`` buffer) — so that code that moves, shards or exchanges state rows needs
+  no knowledge of the buffers.
 * :class:`MarkovChainState`: EMC²'s chains, ``V`` per dataset index (one per view slot of the example): the dataset
   index of the chain's current negative, the view key that re-creates exactly that negative, and its similarity
   ``s`` when last scored (20 bytes per chain, ``20 V`` per example).
@@ -9,12 +13,15 @@
   collator can deliver each batch's chain-state images with the batch.
 
 Both states are ``nn.Module`` buffers: they follow the objective to the features' device and appear in its
-``state_dict()``, which :func:`save_per_sample_state` writes as safetensors into every checkpoint.
+``state_dict()``, which :func:`save_per_sample_state` writes as safetensors into every checkpoint. The state is
+global (indexed by dataset index, not by process): every process holds all ``m`` rows and applies the same update
+from the gathered global batch, so a checkpoint resumes under any number of processes (``docs/scaling.md``).
 """
 
 from __future__ import annotations
 
 import os
+from abc import ABCMeta, abstractmethod
 
 import torch
 from safetensors import SafetensorError
@@ -26,7 +33,45 @@ EMPTY_STATE = -1
 """``state_index`` of a chain that has not accepted a negative yet."""
 
 
-class MarkovChainState(nn.Module):
+class PerSampleState(nn.Module, metaclass=ABCMeta):
+    """The read/write interface of a per-sample state: ``m`` rows, one per training example, keyed by dataset index.
+
+    A subclass keeps its rows in buffers whose first dimension is ``m`` (``[m]`` or ``[m, V]``), so they follow
+    ``.to(device)`` and go into ``state_dict()`` (hence into checkpoints) under their own names; 0-dim buffers
+    (e.g. a position counter) are not rows. :meth:`read` and :meth:`write` are the only access the interface
+    promises: what a row holds is the subclass's business.
+
+    ``write`` with a key (or ``(key, slot)``) given twice keeps one of its values (which one is unspecified, as for
+    any indexed assignment): reduce repeated keys first.
+    """
+
+    @property
+    @abstractmethod
+    def num_samples(self) -> int:
+        """``m``, the number of rows (training examples)."""
+
+    @property
+    def bytes_per_example(self) -> int:
+        """Bytes of one row: ``Σ element_size · numel / m`` over the ``[m, ...]`` buffers (0-dim buffers excluded)."""
+        return sum(
+            buffer.element_size() * (buffer.numel() // buffer.shape[0]) for buffer in self.buffers() if buffer.ndim
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every buffer together (``≈ m · bytes_per_example``)."""
+        return sum(buffer.element_size() * buffer.numel() for buffer in self.buffers())
+
+    @abstractmethod
+    def read(self, keys: torch.Tensor, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The rows of the examples ``keys [k]`` (further index tensors, e.g. slots, as the subclass defines)."""
+
+    @abstractmethod
+    def write(self, keys: torch.Tensor, *args: torch.Tensor) -> None:
+        """Set the rows of the examples ``keys [k]`` to the given values (the order of :meth:`read`'s outputs)."""
+
+
+class MarkovChainState(PerSampleState):
     """``V`` Metropolis–Hastings chains per training example, one per state slot (view) of the example.
 
     Buffers:
@@ -57,12 +102,13 @@ class MarkovChainState(nn.Module):
     def num_slots(self) -> int:
         return self.state_index.shape[1]
 
-    @property
-    def bytes_per_example(self) -> int:
-        return sum(buffer.element_size() * buffer.shape[1] for buffer in self.buffers())
-
     def read(self, keys: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(state_index, state_view, state_similarity)`` of the chains ``(keys[a], slots[a])``, each ``[A]``."""
+        """``(state_index, state_view, state_similarity)`` of the chains ``(keys[a], slots[a])``, each ``[A]``.
+
+        Args:
+            keys: ``LongTensor[A]``, dataset indices.
+            slots: ``LongTensor[A]``, the state slot (view) of each chain, ``< num_slots``.
+        """
         self._check_slots(slots)
         return self.state_index[keys, slots], self.state_view[keys, slots], self.state_similarity[keys, slots]
 
@@ -74,7 +120,14 @@ class MarkovChainState(nn.Module):
         view: torch.Tensor,
         similarity: torch.Tensor,
     ) -> None:
-        """Set the chains ``(keys[a], slots[a])`` to ``(index[a], view[a], similarity[a])``."""
+        """Set the chains ``(keys[a], slots[a])`` to ``(index[a], view[a], similarity[a])``.
+
+        Args:
+            keys, slots: ``LongTensor[A]`` each, as in :meth:`read`.
+            index: ``LongTensor[A]``, dataset index of each chain's new state (``EMPTY_STATE``: empty).
+            view: ``LongTensor[A]``, its view key.
+            similarity: ``[A]``, its similarity to the anchor (stored as float32).
+        """
         self._check_slots(slots)
         self.state_index[keys, slots] = index
         self.state_view[keys, slots] = view
@@ -120,7 +173,7 @@ class ChainStateTable:
         return self.state_index[keys, slots].clone(), self.state_view[keys, slots].clone()
 
 
-class MovingAverageState(nn.Module):
+class MovingAverageState(PerSampleState):
     """SogCLR's moving average of ``mean_k exp(β s_k)``, one per training example, stored as its logarithm.
 
     Buffers:
@@ -141,6 +194,22 @@ class MovingAverageState(nn.Module):
     def u(self) -> torch.Tensor:
         """``FloatTensor[m]``, ``u`` itself (may overflow to ``inf`` for large β; use ``log_u`` for arithmetic)."""
         return self.log_u.exp()
+
+    def read(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log_u [k], initialised [k])`` of the examples ``keys: LongTensor[k]`` (``log_u`` is 0 where not
+        initialised)."""
+        return self.log_u[keys], self.initialised[keys]
+
+    def write(self, keys: torch.Tensor, log_u: torch.Tensor, initialised: torch.Tensor | None = None) -> None:
+        """Set ``log u`` of the examples ``keys [k]`` to ``log_u [k]`` (stored as float32).
+
+        Args:
+            keys: ``LongTensor[k]``, distinct dataset indices.
+            log_u: ``[k]``, the new ``log u``.
+            initialised: ``BoolTensor[k]``; default all True (a written ``u`` has received an estimate).
+        """
+        self.log_u[keys] = log_u.to(self.log_u.dtype)
+        self.initialised[keys] = True if initialised is None else initialised.to(torch.bool)
 
 
 def save_per_sample_state(module: nn.Module, directory: str | os.PathLike) -> str | None:

@@ -21,8 +21,10 @@ class ContrastiveTrainingArguments(TrainingArguments):
     objective (`str`, defaults to `"emc2"`):
         `"emc2"` (Metropolis–Hastings negative sampling of the global loss (1), chain states re-encoded: exact),
         `"emc2_in_batch"` (the same chains without re-encoding: cheaper, biased toward the batch softmax), `"sogclr"`
-        (moving-average normaliser), `"simclr"` (in-batch InfoNCE) or `"dcl"` (decoupled InfoNCE: in-batch negatives
-        only).
+        (moving-average normaliser), `"simclr"` (in-batch InfoNCE), `"dcl"` (decoupled InfoNCE: in-batch negatives
+        only) or `"negative_cache"` (Gumbel-max negatives from a cache of every image's embedding). The registry
+        (`emc2_hf.objectives.OBJECTIVES`) is the list; each objective's options map to the flags below through its
+        `training_arguments`.
     inverse_temperature (`float`, defaults to `5.0`):
         β = 1/τ. The EMC² paper uses 14.28 at batch 32 and 5 at batch 256 on STL-10.
 
@@ -41,6 +43,28 @@ class ContrastiveTrainingArguments(TrainingArguments):
 
     sogclr_gamma (`float`, *optional*):
         γ, weight of the new estimate in `u ← (1 − γ) u + γ · mean exp(β s)`; default 0.9.
+
+    > Negative cache (Lindgren et al., 2021)
+
+    cache_refresh_fraction (`float`, *optional*):
+        ρ, the fraction of the embedding cache re-embedded (unaugmented images, eval mode) every step, round-robin;
+        default 0.01.
+    cache_negatives (`int`, *optional*):
+        Negatives per anchor drawn by Gumbel-max from `β·s` over the cache and re-encoded with gradient; default 1.
+
+    > Batch selection (works with every objective)
+
+    batch_selection (`str`, defaults to `"random"`):
+        `"random"`, `"spectral_clustering"` or `"ordered_sgd"` (Cho et al. 2023): once per epoch the training set's
+        views are embedded and the epoch's batches are chosen to hold high-loss pairs. Two-view image training.
+    osgd_candidates (`int`, defaults to `4`):
+        k, the random batches among which ordered SGD keeps the highest-loss one at every step.
+
+    > Several processes
+
+    sync_batch_norm (`bool`, *optional*):
+        Convert BatchNorm to `SyncBatchNorm` so that N processes × b/N normalise like one process × b. Default: on
+        when several processes run on GPUs; refused on CPU (torch's SyncBatchNorm needs CUDA).
 
     > Optimiser
 
@@ -128,6 +152,37 @@ class ContrastiveTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "SogCLR: moving-average weight γ of the new estimate of u, in (0, 1] (default: 0.9)."},
     )
+    cache_refresh_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Negative cache: fraction ρ of the cache re-embedded each step, round-robin (default: 0.01; the "
+            "whole cache is refreshed every 1/ρ steps)."
+        },
+    )
+    cache_negatives: int | None = field(
+        default=None,
+        metadata={"help": "Negative cache: negatives drawn per anchor by Gumbel-max from the cache (default: 1)."},
+    )
+    batch_selection: str = field(
+        default="random",
+        metadata={
+            "help": "How each epoch's batches are formed: 'random' (a shuffle), 'spectral_clustering' (high-loss "
+            "batches by spectral clustering of the loss-bound affinity, Cho et al. 2023) or 'ordered_sgd' (the "
+            "highest-loss of --osgd_candidates random batches). Works with every objective.",
+            "choices": ["random", "spectral_clustering", "ordered_sgd"],
+        },
+    )
+    osgd_candidates: int = field(
+        default=4, metadata={"help": "ordered_sgd batch selection: random candidate batches per step (k)."}
+    )
+    sync_batch_norm: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Convert the encoder's BatchNorm layers to SyncBatchNorm, so that several processes normalise "
+            "with the statistics of the global batch (as one process would). Default: on with several GPU "
+            "processes; it needs CUDA (refused on CPU)."
+        },
+    )
 
     learn_logit_scale: bool = field(
         default=True,
@@ -183,6 +238,11 @@ class ContrastiveTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.dataloader_pin_memory and (self.use_cpu or not _accelerator_available()):
             self.dataloader_pin_memory = False
+        if self.fp16 and (self.use_cpu or not _accelerator_available()):
+            raise ValueError(
+                "--fp16 needs a GPU: on CPU the Trainer accepts it but runs in float32 (the encoder's outputs stay "
+                "float32, measured), so nothing would be mixed precision; use --bf16 on CPU, or run on a GPU"
+            )
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
         if not self.inverse_temperature > 0:
@@ -211,6 +271,12 @@ class ContrastiveTrainingArguments(TrainingArguments):
             raise ValueError(f"--emc2_chain_fraction must be in (0, 1], got {self.emc2_chain_fraction}")
         if self.sogclr_gamma is not None and not 0 < self.sogclr_gamma <= 1:
             raise ValueError(f"--sogclr_gamma must be in (0, 1], got {self.sogclr_gamma}")
+        if self.cache_refresh_fraction is not None and not 0 < self.cache_refresh_fraction <= 1:
+            raise ValueError(f"--cache_refresh_fraction must be in (0, 1], got {self.cache_refresh_fraction}")
+        if self.cache_negatives is not None and self.cache_negatives < 1:
+            raise ValueError(f"--cache_negatives must be >= 1, got {self.cache_negatives}")
+        if self.osgd_candidates < 1:
+            raise ValueError(f"--osgd_candidates must be >= 1, got {self.osgd_candidates}")
         if self.per_device_train_batch_size < 2:
             raise ValueError(
                 f"--per_device_train_batch_size {self.per_device_train_batch_size} leaves anchors without negatives: "

@@ -21,11 +21,20 @@ from ..evaluation.diagnostics import GlobalLossCallback, check_diagnostics_size
 from ..evaluation.probes import ProbeEvaluator
 from ..hub.export import export_encoder
 from ..hub.model_card import ModelCardData, objective_settings, probe_rows, render_model_card
-from ..objectives import ContrastiveObjective, build_image_text_objective, build_objective, two_view_problem
+from ..objectives import (
+    ContrastiveObjective,
+    build_image_text_objective,
+    build_objective,
+    objective_options,
+    two_view_problem,
+)
 from ..objectives.emc2 import CITATION as EMC2_CITATION
 from ..sampling.sample_state import ChainStateTable, load_per_sample_state, save_per_sample_state
 from .arguments import ContrastiveTrainingArguments
+from .batch_selection_callback import BatchSelectionCallback, load_batch_selection_state, save_batch_selection_state
+from .chain_starts import current_chain_starts
 from .distributed import gather_per_view, gather_rows, gather_views, world_size
+from .negative_cache_step import cache_state_columns, fill_cache
 from .optimizers import create_timm_optimizer
 
 logger = logging.getLogger(__name__)
@@ -63,6 +72,46 @@ def _check_batch_fits(args: ContrastiveTrainingArguments, num_rows: int, objecti
             "dataloader_drop_last=True drops the short batch: no step would run. Lower "
             "--per_device_train_batch_size or add data."
         )
+
+
+class CacheFillCallback(TrainerCallback):
+    """Embeds every training image into the negative cache at train begin (what a resumed checkpoint holds is kept)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        filled = fill_cache(trainer.objective, model, trainer.train_dataset, trainer.data_collator, args.device)
+        if filled:
+            logger.info("negative cache: embedded %d training images", filled)
+
+
+def _embedding_dim(model: nn.Module) -> int | None:
+    """Width of ``model(...).embeddings`` from its config (the projection's, else the backbone features')."""
+    config = getattr(model, "config", None)
+    return getattr(config, "projection_dim", None) or getattr(config, "feature_dim", None)
+
+
+def _with_sync_batch_norm(model: nn.Module, args: ContrastiveTrainingArguments) -> nn.Module:
+    """``--sync_batch_norm``: BatchNorm → SyncBatchNorm (default: on with several GPU processes, off otherwise)."""
+    has_batch_norm = any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+    enabled = args.sync_batch_norm
+    if enabled is None:
+        enabled = args.world_size > 1 and args.device.type == "cuda"
+    if not enabled or not has_batch_norm:
+        return model
+    if args.device.type != "cuda":
+        raise ValueError(
+            f"--sync_batch_norm true needs CUDA devices (torch's SyncBatchNorm does not run on "
+            f"{args.device.type}); on CPU leave it off, or use a batch-free encoder (--backbone_kwargs "
+            '\'{"norm_layer": "groupnorm"}\' '
+            "--projection_batch_norm false) so that N processes train exactly like one"
+        )
+    if args.world_size > 1:
+        logger.info("BatchNorm layers converted to SyncBatchNorm: statistics of the global batch on every process")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def is_image_text(collator: Any) -> bool:
@@ -121,6 +170,15 @@ class ContrastiveTrainer(Trainer):
     BatchNorm sees them with the batch) and enter the objective as state columns; after the step the table is
     updated from the objective's chains.
 
+    **The negative cache** (objectives with ``reencodes_cache_negatives``): the cache is filled at train begin; each
+    step refreshes ``⌈ρ m⌉`` entries, draws every anchor's negatives from it and encodes them with gradient as state
+    columns (:mod:`~emc2_hf.training.negative_cache_step`).
+
+    **Batch selection**: :meth:`get_batch_sampler` (``--batch_selection``) may replace the shuffle with a sampler that
+    chooses every epoch's batches from embeddings of the training set, computed at each epoch start
+    (:class:`~emc2_hf.training.batch_selection_callback.BatchSelectionCallback`); its batches go into checkpoints.
+    ``--sync_batch_norm`` converts BatchNorm layers to ``SyncBatchNorm`` (default: with several CUDA processes).
+
     Args:
         model: a model whose forward takes ``pixel_values`` and returns ``embeddings`` (and ``features`` for the
             probes), e.g. :class:`~emc2_hf.ContrastiveEncoder`.
@@ -160,13 +218,7 @@ class ContrastiveTrainer(Trainer):
             data_collator.seed = args.seed  # views keyed by (seed, epoch, index, view): resumable, worker-independent
         image_text = is_image_text(data_collator)
         if objective is None:
-            options = dict(
-                num_proposals=args.num_proposals,
-                burn_in=args.burn_in,
-                gamma=args.sogclr_gamma,
-                weighting=args.emc2_weighting,
-                chain_fraction=args.emc2_chain_fraction,
-            )
+            options = objective_options(args)
             if image_text:
                 objective = build_image_text_objective(
                     args.objective,
@@ -183,6 +235,7 @@ class ContrastiveTrainer(Trainer):
                     inverse_temperature=args.inverse_temperature,
                     seed=args.seed,
                     num_slots=getattr(data_collator, "num_state_slots", 2),
+                    embedding_dim=_embedding_dim(model),
                     **options,
                 )
         _check_batch_fits(args, len(train_dataset), objective)
@@ -197,6 +250,11 @@ class ContrastiveTrainer(Trainer):
                 model.logit_scale.requires_grad_(False)
         elif args.freeze_image_tower or args.freeze_text_tower:
             raise ValueError("--freeze_image_tower / --freeze_text_tower apply to dual encoders (image–text data)")
+        if image_text and objective.reencodes_cache_negatives:
+            raise ValueError("the negative cache is implemented for two-view image training, not image–text pairs yet")
+        if image_text and args.batch_selection != "random":
+            raise ValueError("--batch_selection applies to two-view image training, not image–text pairs yet")
+        model = _with_sync_batch_norm(model, args)
         chain_table = None
         if image_text and objective.reencodes_chain_states:
             chain_table = {direction: ChainStateTable(part.chains) for direction, part in objective.directions.items()}
@@ -223,6 +281,11 @@ class ContrastiveTrainer(Trainer):
                 )
             knn_monitor = KNNMonitorCallback(monitor_evaluator, args.knn_monitor_steps)
             callbacks.append(knn_monitor)
+        batch_sampler = self.get_batch_sampler(train_dataset, args)
+        if batch_sampler is not None:
+            callbacks.append(BatchSelectionCallback(self))
+        if objective.reencodes_cache_negatives:
+            callbacks.append(CacheFillCallback(self))
         if args.global_loss_steps is not None:
             if image_text:
                 raise ValueError("--global_loss_steps applies to two-view image training, not to image–text pairs")
@@ -237,6 +300,7 @@ class ContrastiveTrainer(Trainer):
         )
         _log_tensorboard_into_output_dir(self)
         self.objective = objective
+        self.batch_sampler = batch_sampler
         self.image_text = image_text
         self.chain_table = chain_table
         self.probe_evaluator = probe_evaluator
@@ -251,6 +315,47 @@ class ContrastiveTrainer(Trainer):
         super()._set_signature_columns_if_needed()
         required = getattr(self.data_collator, "required_columns", [])
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *required]))
+
+    def get_batch_sampler(self, dataset: Any, args: ContrastiveTrainingArguments) -> Any:
+        """The sampler of each step's global batch, or ``None`` for the Trainer's shuffle (``--batch_selection
+        random``). Override to bring your own: it yields, for every global batch, its ``N`` per-process chunks in
+        rank order (Accelerate hands chunk ``i`` to process ``i mod N``), and may have ``update(embeddings, β, epoch)``
+        (called at every epoch start by :class:`BatchSelectionCallback`), ``state_dict`` / ``load_state_dict``."""
+        if args.batch_selection == "random":
+            return None
+        from ..sampling.batch_selection import build_batch_sampler
+
+        options = {"num_candidates": args.osgd_candidates} if args.batch_selection == "ordered_sgd" else {}
+        return build_batch_sampler(
+            args.batch_selection,
+            num_samples=len(dataset),
+            batch_size=args.per_device_train_batch_size * args.world_size,
+            num_processes=args.world_size,
+            seed=args.seed,
+            **options,
+        )
+
+    def get_train_dataloader(self) -> Any:
+        """The Trainer's loader, or one driven by :meth:`get_batch_sampler`'s sampler when there is one."""
+        if self.batch_sampler is None:
+            return super().get_train_dataloader()
+        from functools import partial
+
+        from torch.utils.data import DataLoader
+        from transformers.trainer_utils import seed_worker
+
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=self.batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0,
+            worker_init_fn=partial(
+                seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index
+            ),
+        )
+        return self.accelerator.prepare(loader)
 
     def _next_micro_step(self) -> int:
         """Index of the current micro-batch within the optimisation step (gradient accumulation)."""
@@ -280,6 +385,9 @@ class ContrastiveTrainer(Trainer):
                 f"the {self.objective.name} objective needs the chain-state images with every batch "
                 "(state_pixel_values); the collator delivers them once attach_chain_states was called"
             )
+        if encodes_states and hasattr(self.objective, "chain_starts"):
+            inputs = current_chain_starts(self.objective, inputs, self.train_dataset, self.data_collator)
+            state_pixel_values = inputs["state_pixel_values"]
         if encodes_states and state_pixel_values.shape[0]:
             pixel_values = torch.cat([pixel_values, state_pixel_values.to(pixel_values)])
         outputs = model(pixel_values=pixel_values)
@@ -314,8 +422,23 @@ class ContrastiveTrainer(Trainer):
             )
             if "chain_active" in inputs:
                 arguments["chain_anchors"] = gather_per_view(inputs["chain_active"])
+        micro_step = self._next_micro_step()
+        if self.objective.reencodes_cache_negatives:
+            arguments.update(
+                cache_state_columns(
+                    self.objective,
+                    self.accelerator.unwrap_model(model),
+                    self.train_dataset,
+                    self.data_collator,
+                    view_embeddings,
+                    dataset_indices,
+                    step=self.state.global_step,
+                    micro_step=micro_step,
+                    inverse_temperature=self.args.inverse_temperature,
+                )
+            )
         problem = two_view_problem(view_embeddings, dataset_indices, **arguments)
-        objective_output = self.objective(problem, step=self.state.global_step, micro_step=self._next_micro_step())
+        objective_output = self.objective(problem, step=self.state.global_step, micro_step=micro_step)
         if self.chain_table is not None:
             self.chain_table.update(self.objective.chains, problem.anchor_keys)
         for name, value in objective_output.metrics.items():
@@ -404,10 +527,14 @@ class ContrastiveTrainer(Trainer):
         if self.args.should_save:
             checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             save_per_sample_state(self.objective, checkpoint)
+            if self.batch_sampler is not None and hasattr(self.batch_sampler, "state_dict"):
+                save_batch_selection_state(self.batch_sampler, checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_per_sample_state(self.objective, resume_from_checkpoint)
+        if self.batch_sampler is not None and hasattr(self.batch_sampler, "load_state_dict"):
+            load_batch_selection_state(self.batch_sampler, resume_from_checkpoint)
         if isinstance(self.chain_table, dict):
             for direction, table in self.chain_table.items():
                 table.refresh(self.objective.directions[direction].chains)
@@ -457,7 +584,10 @@ class ContrastiveTrainer(Trainer):
             objective=self.objective.name,
             objective_title=self.objective.title,
             objective_settings=objective_settings(
-                self.objective.card_settings(self.args.per_device_train_batch_size * self.args.world_size)
+                {
+                    **self.objective.card_settings(self.args.per_device_train_batch_size * self.args.world_size),
+                    **self._batch_selection_settings(),
+                }
             ),
             backbone=model.config.backbone,
             feature_dim=model.config.feature_dim,
@@ -493,6 +623,15 @@ class ContrastiveTrainer(Trainer):
             library_version=__version__,
             citations=citations,
         )
+
+    def _batch_selection_settings(self) -> dict[str, Any]:
+        """The card's line on how batches were chosen (nothing for the shuffle)."""
+        if self.batch_sampler is None:
+            return {}
+        settings: dict[str, Any] = {"batch_selection": getattr(self.batch_sampler, "name", type(self.batch_sampler))}
+        if getattr(self.batch_sampler, "num_candidates", None) is not None:
+            settings["batch_selection_candidates"] = self.batch_sampler.num_candidates
+        return settings
 
     def _tokenizer(self) -> Any:
         return (
