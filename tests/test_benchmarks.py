@@ -21,6 +21,11 @@ SCRIPTS = {
         "--dataset_size",
         "40",
     ],
+    "batch_selection_cost.py": [
+        *("--dataset_sizes", "64", "--batch_size", "8", "--backbone", "test_resnet", "--image_size", "16"),
+        *("--repetitions", "1"),
+    ],
+    "scale_out_equivalence.py": ["--objectives", "simclr", "--steps", "2"],
     "sweep_scaling.py": ["--batch_sizes", "4", "8", "--repetitions", "2", "--dataset_size", "100"],
     "local_anchors.py": ["--num_processes", "1", "2", "--batch_sizes", "4", "--repetitions", "1", "--threads", "1"],
     "state_size.py": ["--dataset_sizes", "100", "1000", "--batch_size", "8", "--repetitions", "2"],
