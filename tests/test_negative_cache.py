@@ -236,3 +236,27 @@ def test_errors_name_the_fix():
         )
     with pytest.raises(ValueError, match="shape \\[2, 3\\]"):
         objective.write_cache(torch.tensor([0, 1]), torch.randn(2, 5))
+
+
+def test_the_trainer_encodes_a_single_draw_with_batch_norm_in_eval_mode_with_gradient(digits):
+    """All anchors may draw the same negative (a hub of the cache): one image through a BatchNorm encoder in train
+    mode is an error, so draws are encoded like the cache's entries — eval mode — and still carry gradient."""
+    from emc2_hf import ContrastiveCollator, ContrastiveEncoder, ContrastiveEncoderConfig, SimCLRAugmentation
+    from emc2_hf.data.indexed import with_dataset_index
+    from emc2_hf.training.negative_cache_step import encode_unaugmented
+
+    torch.manual_seed(0)
+    model = ContrastiveEncoder(ContrastiveEncoderConfig(backbone="test_resnet", projection_dim=16)).train()
+    collator = ContrastiveCollator(augmentation=SimCLRAugmentation(image_size=16, crop_scale=(0.5, 1.0)))
+    dataset = with_dataset_index(digits["train"].select(range(8)), collator.image_column, collator.index_column)
+    keys, embeddings = encode_unaugmented(
+        model, dataset, collator, torch.tensor([3]), torch.device("cpu"), with_grad=True, embedding_dim=16
+    )
+    assert keys.tolist() == [3] and embeddings.shape == (1, 16) and embeddings.requires_grad
+    assert model.training  # restored
+    embeddings.sum().backward()
+    assert any(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        image = collator.eval_pixel_values([dataset[3][collator.image_column]])
+        torch.testing.assert_close(embeddings.detach(), model(pixel_values=image).embeddings)

@@ -7,8 +7,11 @@ as the EMC² paper runs this baseline), so its images are the collator's ``eval_
 1. **refresh** the next ``⌈ρ m⌉`` entries round-robin (eval mode, no gradient), once per optimisation step;
 2. **sample** ``n`` negatives per anchor view by Gumbel-max from ``β s`` between the current (detached) anchor and
    the cache;
-3. **re-encode** the distinct sampled images with gradient (train mode) — they become the problem's state columns,
-   and their fresh embeddings are written back into the cache.
+3. **re-encode** the distinct sampled images with gradient — in eval mode, as the cache's entries are (BatchNorm with
+   running statistics: the draws of a step can be a handful of images, or one) — they become the problem's state
+   columns, and their fresh embeddings are written back into the cache. The EMC² reference code runs this baseline
+   without BatchNorm; a batch-free encoder (``--backbone_kwargs '{"norm_layer": "groupnorm"}'
+   --projection_batch_norm false``) removes the difference between the two modes.
 
 Under several processes every process holds the whole cache and draws the same negatives (same keyed generator,
 same gathered anchors); the images to encode are split by process and all-gathered (with autograd for step 3), so
@@ -45,12 +48,13 @@ def encode_unaugmented(
     """Encode the unaugmented images of ``keys`` (dataset rows), split across processes and all-gathered.
 
     Returns ``(keys [k], embeddings [k, d])`` in the gathered order (rank order of the shares ``keys[r::N]``).
-    ``with_grad``: train mode and autograd (the gather keeps the graph); otherwise eval mode, no gradient.
+    Always in eval mode — BatchNorm with its running statistics, like the cache's own entries, so an image's embedding
+    does not depend on which other draws share its forward pass (and a single draw is no batch-of-one error);
+    ``with_grad``: with autograd (the gather keeps the graph).
     """
     local_keys = keys.cpu()[_rank() :: world_size()]
     was_training = model.training
-    if not with_grad:
-        model.eval()
+    model.eval()
     parts = []
     try:
         with torch.set_grad_enabled(with_grad):
