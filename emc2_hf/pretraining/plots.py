@@ -218,8 +218,13 @@ def plot_mean_curves(
     labels = list(dict.fromkeys(curve.label for _, curves in panels for curve in curves))
     palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
     colours = {label: palette(k % palette.N) for k, label in enumerate(labels)}
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.3), squeeze=False)
-    for position, (axis, (panel_title, curves)) in enumerate(zip(axes[0], panels, strict=True)):
+    # The configurations' legend goes below the panels (a comparison has up to a dozen lines; inside, it would
+    # cover them), two columns.
+    legend_rows = (len(labels) + 1) // 2
+    legend_height = 0.25 * legend_rows + 0.15
+    height = 4.3 + legend_height
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), height), squeeze=False)
+    for axis, (panel_title, curves) in zip(axes[0], panels, strict=True):
         styles = list(dict.fromkeys(curve.style for curve in curves if curve.style))
         for curve in curves:
             x, mean, std = (np.asarray(values, dtype=float) for values in (curve.x, curve.mean, curve.std))
@@ -233,18 +238,14 @@ def plot_mean_curves(
         axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
-        shown = [label for label in labels if any(curve.label == label for curve in curves)]
-        if position == 0 or shown != labels:
-            handles = [Line2D([], [], color=colours[label], linewidth=2) for label in shown]
-            legend = axis.legend(handles, shown, fontsize=8, loc="lower right", title_fontsize=8)
-            if styles:
-                axis.add_artist(legend)
         if styles:
             handles = [Line2D([], [], color="black", linestyle=_LINE_STYLES[k % 4]) for k in range(len(styles))]
             axis.legend(handles, styles, fontsize=8, loc="upper left")
+    handles = [Line2D([], [], color=colours[label], linewidth=2) for label in labels]
+    figure.legend(handles, labels, fontsize=8, loc="lower center", ncol=2, frameon=False)
     if title:
         figure.suptitle(title, fontsize=11)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, legend_height / height, 1, 1))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
