@@ -238,25 +238,36 @@ def test_errors_name_the_fix():
         objective.write_cache(torch.tensor([0, 1]), torch.randn(2, 5))
 
 
-def test_the_trainer_encodes_a_single_draw_with_batch_norm_in_eval_mode_with_gradient(digits):
-    """All anchors may draw the same negative (a hub of the cache): one image through a BatchNorm encoder in train
-    mode is an error, so draws are encoded like the cache's entries — eval mode — and still carry gradient."""
-    from emc2_hf import ContrastiveCollator, ContrastiveEncoder, ContrastiveEncoderConfig, SimCLRAugmentation
-    from emc2_hf.data.indexed import with_dataset_index
-    from emc2_hf.training.negative_cache_step import encode_unaugmented
+def test_a_step_whose_anchors_all_draw_one_image_trains_a_batch_norm_encoder(tmp_path, digits, monkeypatch):
+    """All anchors may draw the same negative (a hub of the cache). The drawn images are encoded in the views'
+    forward pass (train mode, BatchNorm over views and negatives together), so one draw is no batch-of-one error,
+    and it gets gradient."""
+    from test_trainer import arguments, collator, tiny_encoder
 
-    torch.manual_seed(0)
-    model = ContrastiveEncoder(ContrastiveEncoderConfig(backbone="test_resnet", projection_dim=16)).train()
-    collator = ContrastiveCollator(augmentation=SimCLRAugmentation(image_size=16, crop_scale=(0.5, 1.0)))
-    dataset = with_dataset_index(digits["train"].select(range(8)), collator.image_column, collator.index_column)
-    keys, embeddings = encode_unaugmented(
-        model, dataset, collator, torch.tensor([3]), torch.device("cpu"), with_grad=True, embedding_dim=16
+    from emc2_hf import ContrastiveTrainer
+
+    trainer = ContrastiveTrainer(
+        model=tiny_encoder(),
+        args=arguments(tmp_path, objective="negative_cache", max_steps=2),
+        train_dataset=digits["train"].select(range(32)),
+        data_collator=collator(),
     )
-    assert keys.tolist() == [3] and embeddings.shape == (1, 16) and embeddings.requires_grad
-    assert model.training  # restored
-    embeddings.sum().backward()
-    assert any(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in model.parameters())
-    model.eval()
-    with torch.no_grad():
-        image = collator.eval_pixel_values([dataset[3][collator.image_column]])
-        torch.testing.assert_close(embeddings.detach(), model(pixel_values=image).embeddings)
+    sample = trainer.objective.cache.sample
+
+    def one_hub(anchor_features, anchor_keys, inverse_temperature, num_negatives, generator):
+        drawn = sample(anchor_features, anchor_keys, inverse_temperature, num_negatives, generator)
+        hub = 31 if 31 not in anchor_keys.tolist() else 30
+        return torch.full_like(drawn, hub)
+
+    monkeypatch.setattr(trainer.objective.cache, "sample", one_hub)
+    seen = []
+    negative_weights = trainer.objective.negative_weights
+
+    def record(problem, generator):
+        seen.append((problem.similarities.shape[1] - problem.num_batch_columns, problem.similarities.requires_grad))
+        return negative_weights(problem, generator)
+
+    monkeypatch.setattr(trainer.objective, "negative_weights", record)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert seen == [(1, True), (1, True)]  # one state column, differentiable, each step

@@ -5,13 +5,11 @@ module encodes images for it. The cache holds every training image **without aug
 as the EMC² paper runs this baseline), so its images are the collator's ``eval_pixel_values``. Each step:
 
 1. **refresh** the next ``⌈ρ m⌉`` entries round-robin (eval mode, no gradient), once per optimisation step;
-2. **sample** ``n`` negatives per anchor view by Gumbel-max from ``β s`` between the current (detached) anchor and
-   the cache;
-3. **re-encode** the distinct sampled images with gradient — in eval mode, as the cache's entries are (BatchNorm with
-   running statistics: the draws of a step can be a handful of images, or one) — they become the problem's state
-   columns, and their fresh embeddings are written back into the cache. The EMC² reference code runs this baseline
-   without BatchNorm; a batch-free encoder (``--backbone_kwargs '{"norm_layer": "groupnorm"}'
-   --projection_batch_norm false``) removes the difference between the two modes.
+2. **draw** ``n`` negatives per anchor view by Gumbel-max from ``β s`` between the anchor — the view encoded now in
+   eval mode, without gradient, like the cache's entries — and the cache;
+3. **re-encode** the distinct drawn images with gradient *in the views' forward pass* (train mode: BatchNorm sees
+   views and negatives together, as EMC²'s re-encoded states) — they become the problem's state columns. The cache
+   itself only holds eval-mode embeddings (fill and refresh).
 
 Under several processes every process holds the whole cache and draws the same negatives (same keyed generator,
 same gathered anchors); the images to encode are split by process and all-gathered (with autograd for step 3), so
@@ -21,13 +19,14 @@ the cache stays identical everywhere. These images are decoded in the training p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..data.images import decode_image
 from ..objectives import NO_STATE
-from .distributed import gather_rows, world_size
+from .distributed import gather_rows, gather_views, world_size
 
 
 def _rank() -> int:
@@ -87,51 +86,90 @@ def fill_cache(objective: Any, model: torch.nn.Module, dataset: Any, collator: A
     return int(missing.numel())
 
 
-def cache_state_columns(
+@dataclass
+class CacheNegatives:
+    """This step's draws, and the images of this process's share of them for the views' forward pass.
+
+    Attributes:
+        samples: ``LongTensor[2B, n]``, every gathered anchor view's drawn negatives (dataset indices).
+        keys: ``LongTensor[k_r]``, this process's share of the distinct draws (``distinct[r::N]``).
+        pixel_values: ``FloatTensor[k_r, 3, H, W]``, their unaugmented images.
+    """
+
+    samples: torch.Tensor
+    keys: torch.Tensor
+    pixel_values: torch.Tensor
+
+    def state_columns(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The state-column arguments of :func:`~emc2_hf.objectives.two_view_problem`, from the embeddings of
+        :attr:`pixel_values` (``[k_r, d]``, encoded with the views): gathered with autograd across processes."""
+        state_keys = gather_rows(self.keys.to(embeddings.device))
+        return {
+            "state_embeddings": gather_rows(embeddings, differentiable=True),
+            "state_keys": state_keys,
+            "state_views": torch.full_like(state_keys, NO_STATE),
+            # Each anchor "starts" on its first draw: this marks the columns as its negatives in the problem's
+            # mask; the objective's weights (counts of every draw / n) are what the surrogate uses.
+            "start_keys": self.samples[:, 0],
+            "start_views": torch.full_like(self.samples[:, 0], NO_STATE),
+        }
+
+
+def draw_cache_negatives(
     objective: Any,
     model: torch.nn.Module,
     dataset: Any,
     collator: Any,
-    view_embeddings: torch.Tensor,
-    dataset_indices: torch.Tensor,
+    inputs: dict[str, torch.Tensor],
     *,
     step: int,
     micro_step: int,
     inverse_temperature: float,
-) -> dict[str, torch.Tensor]:
-    """Steps 1–3 above for the global batch; returns the state-column arguments of
-    :func:`~emc2_hf.objectives.two_view_problem`.
+) -> CacheNegatives:
+    """Steps 1–2 above, before the views' forward pass: refresh, then draw from the anchors' current embeddings.
+
+    The anchors for the draw are this process's views encoded in eval mode without gradient (as the cache's
+    entries are, so the draw's logits compare like with like), gathered across processes; the drawn images are then
+    encoded *with* the views, in their forward pass (train mode: BatchNorm normalises views and negatives together,
+    as EMC²'s re-encoded states; a separate pass would let the encoder tell the two apart).
 
     Args:
-        view_embeddings: ``[2B, d]``, the gathered views (view 1 of every image, then view 2).
-        dataset_indices: ``LongTensor[B]``.
+        inputs: this process's batch (``pixel_values: [2b, 3, H, W]`` and the dataset index column).
     """
-    device = view_embeddings.device
-    width = view_embeddings.shape[1]
+    pixel_values = inputs["pixel_values"]
+    device = pixel_values.device
     objective.to(device)
+    width = objective.cache.embeddings.shape[1]
     if micro_step == 0:
         refresh = objective.refresh_keys(step)
         keys, embeddings = encode_unaugmented(
             model, dataset, collator, refresh, device, with_grad=False, embedding_dim=width
         )
         objective.write_cache(keys, embeddings.detach())
-    anchors = torch.nn.functional.normalize(view_embeddings.detach().float(), dim=-1)
-    anchor_keys = dataset_indices.repeat(2)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            local_views = model(pixel_values=pixel_values).embeddings.float()
+    finally:
+        model.train(was_training)
+    views, indices = gather_views(local_views, inputs[collator.index_column])
     samples = objective.sample_negatives(
-        anchors, anchor_keys, step=step, micro_step=micro_step, inverse_temperature=inverse_temperature
+        torch.nn.functional.normalize(views, dim=-1),
+        indices.repeat(2),
+        step=step,
+        micro_step=micro_step,
+        inverse_temperature=inverse_temperature,
     )  # [2B, n]
-    distinct = torch.unique(samples)
-    state_keys, state_embeddings = encode_unaugmented(
-        model, dataset, collator, distinct, device, with_grad=True, embedding_dim=width
+    local_keys = torch.unique(samples).cpu()[_rank() :: world_size()]
+    images = [
+        decode_image(dataset[index][collator.image_column], row=index, source="the training set")
+        for index in local_keys.tolist()
+    ]
+    height, width_px = pixel_values.shape[-2:]
+    local_pixels = (
+        collator.eval_pixel_values(images).to(pixel_values)
+        if images
+        else pixel_values.new_empty(0, 3, height, width_px)
     )
-    objective.write_cache(state_keys, state_embeddings.detach())
-    no_view = torch.full_like(state_keys, NO_STATE)
-    return {
-        "state_embeddings": state_embeddings,
-        "state_keys": state_keys,
-        "state_views": no_view,
-        # Each anchor "starts" on its first sample: this marks the columns as its negatives in the problem's mask;
-        # the objective's weights (counts of every sample / n) are what the surrogate uses.
-        "start_keys": samples[:, 0],
-        "start_views": torch.full_like(samples[:, 0], NO_STATE),
-    }
+    return CacheNegatives(samples=samples, keys=local_keys, pixel_values=local_pixels)

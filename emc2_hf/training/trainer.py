@@ -34,7 +34,7 @@ from .arguments import ContrastiveTrainingArguments
 from .batch_selection_callback import BatchSelectionCallback, load_batch_selection_state, save_batch_selection_state
 from .chain_starts import current_chain_starts
 from .distributed import gather_per_view, gather_rows, gather_views, world_size
-from .negative_cache_step import cache_state_columns, fill_cache
+from .negative_cache_step import draw_cache_negatives, fill_cache
 from .optimizers import create_timm_optimizer
 
 logger = logging.getLogger(__name__)
@@ -171,8 +171,9 @@ class ContrastiveTrainer(Trainer):
     updated from the objective's chains.
 
     **The negative cache** (objectives with ``reencodes_cache_negatives``): the cache is filled at train begin; each
-    step refreshes ``⌈ρ m⌉`` entries, draws every anchor's negatives from it and encodes them with gradient as state
-    columns (:mod:`~emc2_hf.training.negative_cache_step`).
+    step refreshes ``⌈ρ m⌉`` entries, draws every anchor's negatives from it (anchors encoded in eval mode, without
+    gradient) and encodes the drawn images with gradient in the views' forward pass, as state columns
+    (:mod:`~emc2_hf.training.negative_cache_step`).
 
     **Batch selection**: :meth:`get_batch_sampler` (``--batch_selection``) may replace the shuffle with a sampler that
     chooses every epoch's batches from embeddings of the training set, computed at each epoch start
@@ -390,6 +391,20 @@ class ContrastiveTrainer(Trainer):
             state_pixel_values = inputs["state_pixel_values"]
         if encodes_states and state_pixel_values.shape[0]:
             pixel_values = torch.cat([pixel_values, state_pixel_values.to(pixel_values)])
+        micro_step = self._next_micro_step()
+        cache_negatives = None
+        if self.objective.reencodes_cache_negatives:
+            cache_negatives = draw_cache_negatives(
+                self.objective,
+                self.accelerator.unwrap_model(model),
+                self.train_dataset,
+                self.data_collator,
+                inputs,
+                step=self.state.global_step,
+                micro_step=micro_step,
+                inverse_temperature=self.args.inverse_temperature,
+            )
+            pixel_values = torch.cat([pixel_values, cache_negatives.pixel_values])
         outputs = model(pixel_values=pixel_values)
         embeddings = outputs.embeddings
         if pixel_values.shape[0] != num_views and isinstance(outputs, dict):
@@ -422,21 +437,8 @@ class ContrastiveTrainer(Trainer):
             )
             if "chain_active" in inputs:
                 arguments["chain_anchors"] = gather_per_view(inputs["chain_active"])
-        micro_step = self._next_micro_step()
-        if self.objective.reencodes_cache_negatives:
-            arguments.update(
-                cache_state_columns(
-                    self.objective,
-                    self.accelerator.unwrap_model(model),
-                    self.train_dataset,
-                    self.data_collator,
-                    view_embeddings,
-                    dataset_indices,
-                    step=self.state.global_step,
-                    micro_step=micro_step,
-                    inverse_temperature=self.args.inverse_temperature,
-                )
-            )
+        if cache_negatives is not None:
+            arguments.update(cache_negatives.state_columns(embeddings[num_views:]))
         problem = two_view_problem(view_embeddings, dataset_indices, **arguments)
         objective_output = self.objective(problem, step=self.state.global_step, micro_step=micro_step)
         if self.chain_table is not None:
