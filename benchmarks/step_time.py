@@ -13,9 +13,9 @@ are warmed up on a simulated dataset of ``--dataset_size`` images with fresh vie
 fractions are the steady-state ones.
 
 The negative cache (``negative_cache``) does, as ``ContrastiveTrainer`` does: re-embed ``⌈ρ m⌉`` cache entries
-(eval mode, no gradient; ``m = --dataset_size``), draw one negative per anchor view by Gumbel-max over the cache, and
-encode the distinct draws with gradient in a second forward pass; the decoding of those images (in the training
-process) is not timed, like the collator's.
+(eval mode, no gradient; ``m = --dataset_size``), encode the views in eval mode without gradient and draw one negative
+per anchor view by Gumbel-max over the cache, then encode the distinct draws with gradient in the views' forward
+pass; the decoding of those images (in the training process) is not timed, like the collator's.
 """
 
 from __future__ import annotations
@@ -142,32 +142,30 @@ def main() -> None:
                 inputs = torch.cat([pixels, state_pixels[: arguments["state_keys"].numel()]])
             optimizer.zero_grad(set_to_none=True)
             if objective.reencodes_cache_negatives:
+                # As the trainer: refresh, draw from the views encoded in eval mode, then encode views + draws.
                 refresh = objective.refresh_keys(state["step"])
                 model.eval()
                 with torch.no_grad():
                     objective.write_cache(refresh, model(pixel_values=refresh_pixels[: refresh.numel()]).embeddings)
+                    anchors = F.normalize(model(pixel_values=pixels).embeddings.float(), dim=1)
                 model.train()
-            embeddings = model(pixel_values=inputs).embeddings
-            if objective.reencodes_chain_states:
-                arguments["state_embeddings"] = embeddings[2 * batch_size :]
-            if objective.reencodes_cache_negatives:
-                anchors = F.normalize(embeddings.detach().float(), dim=1)
                 samples = objective.sample_negatives(anchors, batch["indices"].repeat(2), step=state["step"])
                 distinct = torch.unique(samples)
-                negatives = model(pixel_values=state_pixels[: distinct.numel()]).embeddings
-                objective.write_cache(distinct, negatives.detach())
+                inputs = torch.cat([pixels, state_pixels[: distinct.numel()]])
                 arguments.update(
-                    state_embeddings=negatives,
                     state_keys=distinct,
                     state_views=torch.full_like(distinct, -1),
                     start_keys=samples[:, 0],
                     start_views=torch.full_like(samples[:, 0], -1),
                 )
-                inputs = torch.cat([inputs, state_pixels[: distinct.numel()], refresh_pixels[: refresh.numel()]])
+            embeddings = model(pixel_values=inputs).embeddings
+            if objective.reencodes_chain_states or objective.reencodes_cache_negatives:
+                arguments["state_embeddings"] = embeddings[2 * batch_size :]
             output = objective(embeddings[: 2 * batch_size], batch["indices"], step=state["step"], **arguments)
             output.loss.backward()
             optimizer.step()
-            reports[name]["k"].append(inputs.shape[0] - 2 * batch_size)
+            extra = refresh.numel() if objective.reencodes_cache_negatives else 0
+            reports[name]["k"].append(inputs.shape[0] - 2 * batch_size + extra)
             for key, value in output.metrics.items():
                 reports[name].setdefault(key, []).append(value.item())
 
