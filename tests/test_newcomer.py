@@ -159,16 +159,18 @@ def test_the_readme_snippet_prints_the_probes_before_and_after_training(tmp_path
 
 @pytest.mark.slow
 def test_the_readme_snippet_verbatim_trains_an_encoder_better_than_untrained(tmp_path):
-    """Measured (2-core CPU, 200 steps, exact EMC² with conditional weights): LP 0.9574 → 0.9722, 1-NN 0.9611 →
-    0.9481, 5-shot LP 0.7685 → 0.8481, 5-shot 1-NN 0.7561 → 0.8265 — the numbers the README prints. The old snippet
-    (generic augmentations) lost on every probe, 1-NN by 0.13."""
+    """Measured (2-core Intel Xeon, 200 steps, exact EMC² with conditional weights): LP 0.9574 → 0.9667, 1-NN 0.9611
+    → 0.9426, 5-shot LP 0.7685 → 0.8380, 5-shot 1-NN 0.7561 → 0.8306 — the numbers the README prints. The same code
+    on an AMD EPYC ended 0.9722 / 0.9481 / 0.8481 / 0.8265: another CPU's kernels round differently and 200 steps
+    amplify it by up to 0.0101, so the trained numbers are matched within 0.015 and the untrained ones (no training)
+    within 0.005. The old snippet (generic augmentations) lost on every probe, 1-NN by 0.13."""
     numbers = _run_snippet(_readme_snippet(), tmp_path)
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
         readme = handle.read()
     for name, (before, after) in numbers.items():  # the README shows what the snippet prints (float noise aside)
         shown = re.search(rf"^{name}: ([0-9.]+) -> ([0-9.]+)$", readme, re.M)
         assert shown, name
-        assert abs(float(shown.group(1)) - before) <= 0.005 and abs(float(shown.group(2)) - after) <= 0.005, (
+        assert abs(float(shown.group(1)) - before) <= 0.005 and abs(float(shown.group(2)) - after) <= 0.015, (
             name,
             shown.group(0),
             (before, after),
@@ -177,7 +179,7 @@ def test_the_readme_snippet_verbatim_trains_an_encoder_better_than_untrained(tmp
         before, after = numbers[name]
         assert after > before, (name, before, after)
     before, after = numbers["knn_accuracy"]
-    # 1-NN on all labels: random features already match raw pixels, and 200 steps end 1.3 points below (README says so)
+    # 1-NN on all labels: random features already match raw pixels; 200 steps end 1.3–1.9 points below (README says so)
     assert after >= before - 0.025, (before, after)
 
 
