@@ -46,6 +46,7 @@ from comparison_curves import (  # noqa: E402
     CURVES_VS_SAMPLES,
     CURVES_VS_TIME,
     _mean_std,
+    configuration_entry,
     probe_labels,
     write_curves,
 )
@@ -472,15 +473,7 @@ def aggregate(runs: list[RunConfig], results: list[dict[str, float]]) -> dict[st
     configurations: dict[tuple, dict[str, Any]] = {}
     untrained_by_seed: dict[int, dict[str, float]] = {}
     for run, result in zip(runs, results, strict=True):
-        entry = configurations.setdefault(
-            run.key,
-            {
-                "objective": run.objective,
-                "batch_size": run.batch_size,
-                "inverse_temperature": run.inverse_temperature,
-                "runs": [],
-            },
-        )
+        entry = configuration_entry(configurations, run)
         entry["runs"].append(
             {
                 "seed": run.seed,

@@ -157,6 +157,19 @@ def mean_over_seeds(per_seed: Sequence[Sequence[dict[str, float]]]) -> list[dict
     return aggregated
 
 
+def configuration_entry(configurations: dict[tuple, dict[str, Any]], run: RunConfig) -> dict[str, Any]:
+    """The entry of ``run``'s configuration (objective, b, β) in ``configurations``, created empty on first use."""
+    return configurations.setdefault(
+        run.key,
+        {
+            "objective": run.objective,
+            "batch_size": run.batch_size,
+            "inverse_temperature": run.inverse_temperature,
+            "runs": [],
+        },
+    )
+
+
 def aggregate_curves(
     runs: Sequence[RunConfig],
     histories: Sequence[Sequence[dict[str, Any]] | None],
@@ -173,15 +186,7 @@ def aggregate_curves(
         if not monitor:
             missing.append(run.output_dir)
             continue
-        entry = configurations.setdefault(
-            run.key,
-            {
-                "objective": run.objective,
-                "batch_size": run.batch_size,
-                "inverse_temperature": run.inverse_temperature,
-                "runs": [],
-            },
-        )
+        entry = configuration_entry(configurations, run)
         entry["runs"].append(
             {
                 "seed": run.seed,
